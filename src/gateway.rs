@@ -1,0 +1,299 @@
+//! The gateway: its state, its reload, and where each request goes.
+//!
+//! State that a reload replaces (clients, users, routes, certificate, upstream clients)
+//! lives in [`Live`] behind an `ArcSwap`; state that must survive a reload (the token
+//! table, lockout counters, metrics) lives in [`Shared`] directly. A request takes one
+//! snapshot of `Live` and uses it throughout, so a reload never changes the rules in the
+//! middle of a request.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use tracing::{field, Instrument};
+
+use crate::admin::Metrics;
+use crate::body::Body;
+use crate::config::{Config, ConfigError};
+use crate::credentials::{SecretCache, Verifier};
+use crate::directory::Directory;
+use crate::error::Error;
+use crate::lockout::Lockout;
+use crate::routes::{normalize_path, RouteTable};
+use crate::token::TokenStore;
+use crate::{auth, proxy, tls, token};
+
+/// The client id of Covata's documented example client; serving it is a demo setup.
+pub const DEMO_CLIENT_ID: &str = "exampleClientApplication";
+
+/// Everything derived from one configuration.
+pub struct Live {
+    /// The configuration itself.
+    pub config: Config,
+    /// Clients and users.
+    pub directory: Directory,
+    /// Routes, compiled.
+    pub routes: RouteTable,
+    /// The TLS server configuration (certificate, ALPN).
+    pub tls: Arc<rustls::ServerConfig>,
+}
+
+impl Live {
+    /// Builds everything a configuration describes; with `generate_cert`, writes a
+    /// development certificate first if neither TLS file exists.
+    pub fn build(config: Config, generate_cert: bool) -> Result<Live, ConfigError> {
+        let cert = config.resolve(config.server.tls_cert.get_ref());
+        let key = config.resolve(config.server.tls_key.get_ref());
+        let tls_error = |key_name: &str, message: String| ConfigError {
+            file: config.file.clone(),
+            line: None,
+            key: Some(key_name.to_owned()),
+            message,
+        };
+        if generate_cert
+            && tls::ensure_dev_certificate(&cert, &key)
+                .map_err(|e| tls_error("server.tls_cert", e.to_string()))?
+        {
+            tracing::warn!(
+                cert = %cert.display(),
+                key = %key.display(),
+                "no TLS certificate was configured: generated a self-signed development \
+                 certificate for localhost; clients will not trust it, do not use it in production"
+            );
+        }
+        for (name, path) in [("server.tls_cert", &cert), ("server.tls_key", &key)] {
+            if !path.exists() {
+                return Err(tls_error(
+                    name,
+                    format!(
+                        "{} does not exist (when neither tls_cert nor tls_key exists, a development pair is generated)",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        let tls = tls::server_config(&cert, &key)
+            .map_err(|e| tls_error("server.tls_cert", e.to_string()))?;
+        let routes = RouteTable::new(&config.routes, &config.upstream);
+        let directory = Directory::new(&config);
+        Ok(Live {
+            config,
+            directory,
+            routes,
+            tls,
+        })
+    }
+}
+
+/// State shared by every connection, surviving reloads.
+pub struct Shared {
+    live: ArcSwap<Live>,
+    /// The token table.
+    pub tokens: TokenStore,
+    /// Client secrets that verified recently.
+    pub secrets: SecretCache,
+    /// argon2 on the blocking pool.
+    pub verifier: Verifier,
+    /// Failed sign-in counters.
+    pub lockout: Lockout,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
+    /// False once shutdown begins (`/readyz` turns 503).
+    pub ready: AtomicBool,
+}
+
+impl Shared {
+    /// The current configuration-derived state.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+}
+
+/// A covata-gateway instance: build it from a configuration, then [`Gateway::serve`].
+#[derive(Clone)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+impl Gateway {
+    /// Builds a gateway; generates a development certificate when none is configured.
+    pub fn new(config: Config) -> Result<Gateway, ConfigError> {
+        let live = Live::build(config, true)?;
+        if live.directory.client(DEMO_CLIENT_ID).is_some() {
+            tracing::warn!(
+                client_id = DEMO_CLIENT_ID,
+                "the demo client from Covata's documentation is configured; \
+                 remove it before exposing this gateway"
+            );
+        }
+        Ok(Gateway {
+            shared: Arc::new(Shared {
+                live: ArcSwap::from_pointee(live),
+                tokens: TokenStore::default(),
+                secrets: SecretCache::default(),
+                verifier: Verifier::default(),
+                lockout: Lockout::default(),
+                metrics: Metrics::default(),
+                ready: AtomicBool::new(true),
+            }),
+        })
+    }
+
+    /// Replaces clients, users, routes and certificate with a new configuration's, after
+    /// validating it; tokens, connections and counters are kept. On error nothing changes.
+    pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
+        let old = self.shared.live();
+        if config.server.listen != old.config.server.listen
+            || config.admin.listen != old.config.admin.listen
+        {
+            tracing::warn!("listen addresses do not change on reload; restart to move them");
+        }
+        let live = Live::build(config, false)?;
+        self.shared.live.store(Arc::new(live));
+        // A changed or removed secret must not keep working from the cache.
+        self.shared.secrets.clear();
+        Ok(())
+    }
+
+    /// The state shared with the server tasks.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Serves TLS on `listener` and the admin endpoints on `admin` until `shutdown`
+    /// completes, then drains in-flight requests for at most `server.shutdown_grace`.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        admin: Option<tokio::net::TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) {
+        crate::server::serve(self.shared.clone(), listener, admin, shutdown).await
+    }
+}
+
+/// Host without port, from `Host` or `:authority`.
+fn host_name(value: &HeaderValue) -> Option<&str> {
+    let host = value.to_str().ok()?;
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next();
+    }
+    Some(host.rsplit_once(':').map_or(host, |(name, _)| name))
+}
+
+/// Answers one request; errors become their JSON responses here and are logged once.
+pub async fn handle(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let started = Instant::now();
+    let live = shared.live();
+    let span = tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = request.uri().path(),
+        peer = %peer.ip(),
+        route = field::Empty,
+        client_id = field::Empty,
+        user = field::Empty,
+    );
+    let result = dispatch(&shared, &live, request, peer)
+        .instrument(span.clone())
+        .await;
+    let mut response = match result {
+        Ok(response) => response,
+        Err(error) => {
+            let _entered = span.enter();
+            let status = error.status().as_u16();
+            if error.is_server_side() {
+                tracing::warn!(status, code = error.code(), description = %error.description(), "request failed");
+            } else {
+                tracing::info!(status, code = error.code(), description = %error.description(), "request refused");
+            }
+            error.into_response()
+        }
+    };
+    if let Some(hsts) = &live.config.server.hsts {
+        if let Ok(value) = HeaderValue::from_str(hsts) {
+            response
+                .headers_mut()
+                .insert(http::header::STRICT_TRANSPORT_SECURITY, value);
+        }
+    }
+    shared.metrics.record(response.status(), started.elapsed());
+    response
+}
+
+async fn dispatch(
+    shared: &Shared,
+    live: &Live,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, Error> {
+    let trusted = &live.config.server.trusted_proxies;
+    if request.uri().path() == "/api/oauth/token" {
+        let ip = proxy::client_ip(request.headers(), peer.ip(), trusted);
+        return token::endpoint::handle(shared, live, request, ip).await;
+    }
+
+    // A cheap clone (the path is reference-counted) so the normalised path may borrow
+    // from it while the request moves on.
+    let uri = request.uri().clone();
+    let path = normalize_path(uri.path())?;
+    let host = proxy::request_host(&request);
+    let route = live
+        .routes
+        .find(request.method(), host.as_ref().and_then(host_name), &path)
+        .ok_or_else(|| Error::NotFound("no route matches this request".into()))?;
+    tracing::Span::current().record("route", route.index);
+    let identity = if route.public {
+        None
+    } else {
+        let identity = auth::authorize(&shared.tokens, route, request.headers())?;
+        if let Some(user) = &identity.username {
+            tracing::Span::current().record("user", &**user);
+        }
+        Some(identity)
+    };
+    let origin = proxy::Origin {
+        peer,
+        trusted_proxies: trusted,
+    };
+    proxy::forward(
+        &route.client,
+        route,
+        identity.as_deref(),
+        request,
+        &path,
+        &origin,
+    )
+    .await
+}
+
+/// Marks the gateway as draining (`/readyz` answers 503).
+pub(crate) fn set_draining(shared: &Shared) {
+    shared.ready.store(false, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_name_drops_the_port() {
+        let h = |s: &'static str| HeaderValue::from_static(s);
+        assert_eq!(
+            host_name(&h("api.example.com:8443")),
+            Some("api.example.com")
+        );
+        assert_eq!(host_name(&h("api.example.com")), Some("api.example.com"));
+        assert_eq!(host_name(&h("[::1]:8443")), Some("::1"));
+        assert_eq!(host_name(&h("127.0.0.1")), Some("127.0.0.1"));
+    }
+}

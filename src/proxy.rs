@@ -1,0 +1,290 @@
+//! Forwarding to upstreams: the pooled client, the header rewrite, and streaming.
+//!
+//! Both bodies stream: the request's `Incoming` is handed to the upstream client as it
+//! is, and the upstream's `Incoming` becomes the response body, so a 10 MiB chunk of
+//! Covata's content service passes through without being held in memory.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use ipnet::IpNet;
+
+use crate::body::{self, Body};
+use crate::config::UpstreamConfig;
+use crate::error::Error;
+use crate::routes::Route;
+use crate::token::Identity;
+
+/// A pooled keep-alive HTTP client for upstreams.
+pub type UpstreamClient = hyper_util::client::legacy::Client<HttpConnector, Incoming>;
+
+/// Builds the upstream client with the given connect deadline.
+pub fn client(config: &UpstreamConfig, connect_timeout: Duration) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    // Small proxied requests would otherwise wait on Nagle's algorithm.
+    connector.set_nodelay(true);
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(config.pool_idle_timeout)
+        .pool_max_idle_per_host(config.pool_max_idle_per_host)
+        .build(connector)
+}
+
+/// Identity headers the gateway sets; a client's own copies are removed first.
+const IDENTITY_HEADERS: [&str; 5] = [
+    "x-authenticated-user",
+    "x-authenticated-client",
+    "x-authenticated-roles",
+    "x-authenticated-scope",
+    "x-token-id",
+];
+
+/// `X-Forwarded-*` headers the gateway sets, and `Forwarded`, which would contradict them.
+const FORWARDED_HEADERS: [&str; 4] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+];
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and the proxy-only ones.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::PROXY_AUTHENTICATE);
+}
+
+/// The client's address as the gateway should believe it: the peer, unless the peer is
+/// a trusted proxy, in which case the nearest untrusted address of `X-Forwarded-For`.
+pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr {
+    if !trusted.iter().any(|net| net.contains(&peer)) {
+        return peer;
+    }
+    let forwarded: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
+    forwarded
+        .into_iter()
+        .rev()
+        .find(|ip| !trusted.iter().any(|net| net.contains(ip)))
+        .unwrap_or(peer)
+}
+
+/// What the header rewrite needs to know about the connection.
+pub struct Origin<'a> {
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// `server.trusted_proxies`.
+    pub trusted_proxies: &'a [IpNet],
+}
+
+/// Rewrites request headers for the upstream: drops hop-by-hop headers and anything the
+/// client could use to spoof the gateway's own headers, then adds identity and
+/// `X-Forwarded-*`.
+pub fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    original_host: Option<HeaderValue>,
+    identity: Option<&Identity>,
+    route: &Route,
+    origin: &Origin<'_>,
+) {
+    let peer = origin.peer.ip();
+    let trusted = origin.trusted_proxies.iter().any(|net| net.contains(&peer));
+    let incoming_xff = if trusted {
+        let joined: Vec<&str> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        (!joined.is_empty()).then(|| joined.join(", "))
+    } else {
+        None
+    };
+
+    strip_hop_by_hop(headers);
+    for name in IDENTITY_HEADERS.iter().chain(FORWARDED_HEADERS.iter()) {
+        headers.remove(*name);
+    }
+    // The upstream gets its own authority as Host (from the URI); the client's is in
+    // X-Forwarded-Host. `Expect` was answered by the gateway already.
+    headers.remove(header::HOST);
+    headers.remove(header::EXPECT);
+    if !route.forward_authorization {
+        headers.remove(header::AUTHORIZATION);
+    }
+
+    if let Some(identity) = identity {
+        if let Some(user) = &identity.user_header {
+            headers.insert("x-authenticated-user", user.clone());
+        }
+        headers.insert("x-authenticated-client", identity.client_header.clone());
+        headers.insert("x-authenticated-roles", identity.roles_header.clone());
+        headers.insert("x-authenticated-scope", identity.scope_header.clone());
+        headers.insert("x-token-id", identity.jti_header.clone());
+    }
+    let xff = match incoming_xff {
+        Some(previous) => HeaderValue::from_str(&format!("{previous}, {peer}")),
+        None => HeaderValue::from_str(&peer.to_string()),
+    };
+    if let Ok(xff) = xff {
+        headers.insert("x-forwarded-for", xff);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+    if let Some(host) = original_host {
+        headers.insert("x-forwarded-host", host);
+    }
+}
+
+/// The Host the client addressed: `Host` on HTTP/1, `:authority` on HTTP/2.
+pub fn request_host<B>(request: &Request<B>) -> Option<HeaderValue> {
+    request.headers().get(header::HOST).cloned().or_else(|| {
+        request
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
+}
+
+fn upstream_uri(route: &Route, path: &str, query: Option<&str>) -> Result<Uri, Error> {
+    let prefix = &route.upstream.prefix;
+    let path_and_query = match query {
+        Some(query) => format!("{prefix}{path}?{query}"),
+        None => format!("{prefix}{path}"),
+    };
+    Uri::builder()
+        .scheme(route.upstream.scheme.clone())
+        .authority(route.upstream.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| Error::InvalidRequest("the request target cannot be forwarded".into()))
+}
+
+fn classify(error: hyper_util::client::legacy::Error, route: &Route) -> Error {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return Error::GatewayTimeout(
+                    format!(
+                        "the upstream did not accept a connection within {:?}",
+                        route.connect_timeout
+                    )
+                    .into(),
+                );
+            }
+        }
+        source = e.source();
+    }
+    if error.is_connect() {
+        Error::BadGateway("the upstream is unreachable".into())
+    } else {
+        Error::BadGateway("the upstream failed to answer".into())
+    }
+}
+
+/// Forwards a request to its route's upstream and streams the answer back.
+pub async fn forward(
+    client: &UpstreamClient,
+    route: &Route,
+    identity: Option<&Identity>,
+    request: Request<Incoming>,
+    path: &str,
+    origin: &Origin<'_>,
+) -> Result<Response<Body>, Error> {
+    let original_host = request_host(&request);
+    let (mut parts, incoming) = request.into_parts();
+    parts.uri = upstream_uri(route, path, parts.uri.query())?;
+    // Upstreams are spoken to over HTTP/1.1 whatever the client used.
+    parts.version = Version::HTTP_11;
+    rewrite_request_headers(&mut parts.headers, original_host, identity, route, origin);
+
+    let pending = client.request(Request::from_parts(parts, incoming));
+    let response = tokio::time::timeout(route.response_timeout, pending)
+        .await
+        .map_err(|_| {
+            Error::GatewayTimeout(
+                format!(
+                    "the upstream did not answer within {:?}",
+                    route.response_timeout
+                )
+                .into(),
+            )
+        })?
+        .map_err(|e| classify(e, route))?;
+    let (mut parts, incoming) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, body::streamed(incoming)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut headers = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, X-Secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic x"),
+            ("content-type", "text/plain"),
+        ] {
+            headers.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("content-type"));
+    }
+
+    #[test]
+    fn client_ip_trusts_only_trusted_proxies() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.2.3.4, 10.0.0.7"),
+        );
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let proxy: IpAddr = [10, 0, 0, 1].into();
+        let stranger: IpAddr = [8, 8, 8, 8].into();
+        assert_eq!(
+            client_ip(&headers, proxy, &trusted),
+            IpAddr::from([1, 2, 3, 4])
+        );
+        assert_eq!(client_ip(&headers, stranger, &trusted), stranger);
+        assert_eq!(client_ip(&HeaderMap::new(), proxy, &trusted), proxy);
+    }
+}

@@ -1,0 +1,8 @@
+//! The OAuth2 token API: the endpoint, its grants, scopes, and the token table.
+
+pub mod client_auth;
+pub mod endpoint;
+pub mod scope;
+pub mod store;
+
+pub use store::{Identity, TokenStore};
