@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use tracing::{field, Instrument};
 
 use crate::admin::Metrics;
+use crate::authorize::PendingStore;
 use crate::body::Body;
 use crate::config::{Config, ConfigError};
 use crate::credentials::{SecretCache, Verifier};
@@ -25,6 +26,7 @@ use crate::directory::Directory;
 use crate::error::Error;
 use crate::lockout::Lockout;
 use crate::routes::{normalize_path, RouteTable};
+use crate::token::codes::CodeStore;
 use crate::token::TokenStore;
 use crate::{auth, proxy, tls, token};
 
@@ -101,6 +103,10 @@ pub struct Shared {
     pub verifier: Verifier,
     /// Failed sign-in counters.
     pub lockout: Lockout,
+    /// Outstanding authorization codes.
+    pub codes: CodeStore,
+    /// Sign-in pages waiting for the user.
+    pub pending: PendingStore,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
     /// False once shutdown begins (`/readyz` turns 503).
@@ -138,6 +144,8 @@ impl Gateway {
                 secrets: SecretCache::default(),
                 verifier: Verifier::default(),
                 lockout: Lockout::default(),
+                codes: CodeStore::default(),
+                pending: PendingStore::default(),
                 metrics: Metrics::default(),
                 ready: AtomicBool::new(true),
             }),
@@ -237,9 +245,16 @@ async fn dispatch(
     peer: SocketAddr,
 ) -> Result<Response<Body>, Error> {
     let trusted = &live.config.server.trusted_proxies;
-    if request.uri().path() == "/api/oauth/token" {
-        let ip = proxy::client_ip(request.headers(), peer.ip(), trusted);
-        return token::endpoint::handle(shared, live, request, ip).await;
+    match request.uri().path() {
+        "/api/oauth/token" => {
+            let ip = proxy::client_ip(request.headers(), peer.ip(), trusted);
+            return token::endpoint::handle(shared, live, request, ip).await;
+        }
+        "/api/oauth/authorize" => {
+            let ip = proxy::client_ip(request.headers(), peer.ip(), trusted);
+            return crate::authorize::handle(shared, live, request, ip).await;
+        }
+        _ => {}
     }
 
     // A cheap clone (the path is reference-counted) so the normalised path may borrow

@@ -150,6 +150,8 @@ async fn sweep(shared: Arc<Shared>) {
         let swept = tokio::task::spawn_blocking(move || {
             let window = shared.live().config.security.lockout_window;
             shared.lockout.sweep(window);
+            shared.codes.sweep();
+            shared.pending.sweep();
             shared.tokens.sweep()
         })
         .await;

@@ -11,11 +11,12 @@ use serde::Serialize;
 
 use crate::body::{self, Body};
 use crate::config::GrantType;
-use crate::directory::Client;
+use crate::directory::{Client, User};
 use crate::error::Error;
 use crate::form::{self, Form};
 use crate::gateway::{Live, Shared};
 use crate::token::client_auth;
+use crate::token::codes::{is_pkce_string, pkce_matches, CodeError};
 use crate::token::scope;
 use crate::token::store::{IssueRequest, Issued, RefreshError};
 
@@ -59,6 +60,9 @@ fn parse_grant_type(name: &str) -> Result<GrantType, Error> {
         "authorization_code" => Ok(GrantType::AuthorizationCode),
         "refresh_token" => Ok(GrantType::RefreshToken),
         "client_credentials" => Ok(GrantType::ClientCredentials),
+        "implicit" => Err(Error::UnsupportedGrantType(
+            "the implicit grant is not a token endpoint grant; use /api/oauth/authorize".into(),
+        )),
         _ => Err(Error::UnsupportedGrantType(
             format!("grant_type `{}` is not supported", name.escape_default()).into(),
         )),
@@ -97,9 +101,11 @@ pub async fn handle(
         GrantType::Password => password(shared, live, &client, &form, client_ip).await?,
         GrantType::RefreshToken => refresh(shared, live, &client, &form)?,
         GrantType::ClientCredentials => client_credentials(shared, &client, &form)?,
-        GrantType::AuthorizationCode | GrantType::Implicit => {
+        GrantType::AuthorizationCode => authorization_code(shared, live, &client, &form)?,
+        // parse_grant_type never yields it: implicit is served at /api/oauth/authorize.
+        GrantType::Implicit => {
             return Err(Error::UnsupportedGrantType(
-                format!("grant_type `{}` is not available yet", grant.as_str()).into(),
+                "the implicit grant is not a token endpoint grant".into(),
             ))
         }
     };
@@ -113,19 +119,17 @@ fn refresh_ttl(client: &Client) -> Option<u64> {
         .then_some(client.refresh_ttl)
 }
 
-async fn password(
+/// Checks a user's password, with the lockout, exactly as both the password grant and
+/// the sign-in page need it: one error for an unknown user, a wrong password and a
+/// lockout, and the same argon2 cost for an unknown user as for a known one.
+pub(crate) async fn sign_in(
     shared: &Shared,
     live: &Live,
-    client: &Arc<Client>,
-    form: &Form,
+    username: &str,
+    password: &str,
     client_ip: IpAddr,
-) -> Result<Issued, Error> {
-    let username = form.require("username")?;
-    let password = form.require("password")?;
-    let granted = scope::grant(form.get("scope"), client.scopes.as_deref())?;
+) -> Result<Arc<User>, Error> {
     tracing::Span::current().record("user", username);
-
-    // One message for an unknown user, a wrong password and a lockout (no enumeration).
     let bad_credentials = || Error::InvalidGrant("Bad credentials".into());
     let security = &live.config.security;
     if shared.lockout.is_locked(
@@ -142,13 +146,31 @@ async fn password(
         |u| u.password.clone(),
     );
     let verified = shared.verifier.verify(phc, password.to_owned()).await?;
-    let Some(user) = user.filter(|_| verified) else {
-        shared
-            .lockout
-            .fail(username, client_ip, security.lockout_window);
-        return Err(bad_credentials());
-    };
-    shared.lockout.succeed(username);
+    match user.filter(|_| verified) {
+        Some(user) => {
+            shared.lockout.succeed(username);
+            Ok(user.clone())
+        }
+        None => {
+            shared
+                .lockout
+                .fail(username, client_ip, security.lockout_window);
+            Err(bad_credentials())
+        }
+    }
+}
+
+async fn password(
+    shared: &Shared,
+    live: &Live,
+    client: &Arc<Client>,
+    form: &Form,
+    client_ip: IpAddr,
+) -> Result<Issued, Error> {
+    let username = form.require("username")?;
+    let password = form.require("password")?;
+    let granted = scope::grant(form.get("scope"), client.scopes.as_deref())?;
+    let user = sign_in(shared, live, username, password, client_ip).await?;
     shared.tokens.issue(IssueRequest {
         family: None,
         username: Some(user.username.clone()),
@@ -159,6 +181,92 @@ async fn password(
         access_ttl: client.access_ttl,
         refresh_ttl: refresh_ttl(client),
     })
+}
+
+fn authorization_code(
+    shared: &Shared,
+    live: &Live,
+    client: &Arc<Client>,
+    form: &Form,
+) -> Result<Issued, Error> {
+    let code = form.require("code")?;
+    let redirect_uri = form.get("redirect_uri");
+    let verifier = form.get("code_verifier");
+    let mut roles: Vec<String> = Vec::new();
+    let redeemed = shared.codes.redeem(code, &client.id, |grant| {
+        // RFC 6749 §4.1.3: the same redirect_uri as the authorization request, if it had one.
+        let redirect_ok = match redirect_uri {
+            Some(uri) => uri == grant.redirect_uri,
+            None => !grant.redirect_uri_given,
+        };
+        if !redirect_ok {
+            return Err(Error::InvalidGrant(
+                "redirect_uri does not match the authorization request".into(),
+            ));
+        }
+        match (&grant.code_challenge, verifier) {
+            (Some(challenge), Some(verifier)) => {
+                if !is_pkce_string(verifier) || !pkce_matches(verifier, challenge) {
+                    return Err(Error::InvalidGrant(
+                        "code_verifier does not match the code_challenge".into(),
+                    ));
+                }
+            }
+            (Some(_), None) => {
+                return Err(Error::InvalidGrant(
+                    "code_verifier is required (PKCE was used)".into(),
+                ))
+            }
+            // Without a challenge a verifier proves nothing; refuse rather than ignore.
+            (None, Some(_)) => {
+                return Err(Error::InvalidGrant(
+                    "code_verifier sent but no code_challenge was".into(),
+                ))
+            }
+            (None, None) => {}
+        }
+        let user = live
+            .directory
+            .user(&grant.username)
+            .ok_or_else(|| Error::InvalidGrant("the user of this code no longer exists".into()))?;
+        roles.clone_from(&user.roles);
+        Ok(())
+    });
+    let grant = match redeemed {
+        Ok(grant) => grant,
+        Err(CodeError::Invalid) => {
+            return Err(Error::InvalidGrant(
+                "the authorization code is invalid or expired".into(),
+            ))
+        }
+        Err(CodeError::Replayed(family)) => {
+            if let Some(family) = family {
+                shared.tokens.revoke_family(family);
+            }
+            tracing::warn!(
+                client_id = &*client.id,
+                "authorization code replayed; the tokens issued from it are revoked"
+            );
+            return Err(Error::InvalidGrant(
+                "the authorization code was already used; the tokens issued from it are revoked"
+                    .into(),
+            ));
+        }
+        Err(CodeError::Rejected(error)) => return Err(error),
+    };
+    tracing::Span::current().record("user", &*grant.username);
+    let issued = shared.tokens.issue(IssueRequest {
+        family: None,
+        username: Some(grant.username.clone()),
+        client_id: client.id.clone(),
+        roles: &roles,
+        scope: grant.scope.clone(),
+        grant_scope: grant.scope,
+        access_ttl: client.access_ttl,
+        refresh_ttl: refresh_ttl(client),
+    })?;
+    shared.codes.bind_family(code, issued.family);
+    Ok(issued)
 }
 
 fn refresh(

@@ -1,6 +1,7 @@
 //! The OAuth2 token API: the endpoint, its grants, scopes, and the token table.
 
 pub mod client_auth;
+pub mod codes;
 pub mod endpoint;
 pub mod scope;
 pub mod store;

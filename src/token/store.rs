@@ -159,6 +159,8 @@ pub struct Issued {
     pub scope: String,
     /// Public id of the access token record.
     pub jti: Uuid,
+    /// The family the tokens belong to.
+    pub family: Uuid,
 }
 
 /// Why a refresh token was not accepted.
@@ -279,6 +281,7 @@ impl TokenStore {
             expires_in: request.access_ttl,
             scope: request.scope,
             jti,
+            family,
         })
     }
 
