@@ -499,14 +499,17 @@ async fn submit(
     let state = pending.state.as_deref();
     let location = match pending.response_type {
         ResponseType::Code => {
-            let code = shared.codes.issue(CodeGrant {
-                client_id: client.id.clone(),
-                redirect_uri: pending.redirect_uri.clone(),
-                redirect_uri_given: pending.redirect_uri_given,
-                code_challenge: pending.code_challenge.clone(),
-                scope: pending.scope.clone(),
-                username: user.username.clone(),
-            })?;
+            let code = shared.codes.issue(
+                CodeGrant {
+                    client_id: client.id.clone(),
+                    redirect_uri: pending.redirect_uri.clone(),
+                    redirect_uri_given: pending.redirect_uri_given,
+                    code_challenge: pending.code_challenge.clone(),
+                    scope: pending.scope.clone(),
+                    username: user.username.clone(),
+                },
+                live.config.tokens.code_lifetime,
+            )?;
             let mut params = vec![("code", code.as_str())];
             params.extend(state.map(|s| ("state", s)));
             redirect_url(&pending.redirect_uri, &params, false)

@@ -203,6 +203,9 @@ pub struct TokensConfig {
     /// How often expired tokens are swept from the table.
     #[serde(deserialize_with = "duration")]
     pub sweep_interval: Duration,
+    /// How long an authorization code may be exchanged (RFC 6749 §4.1.2: short).
+    #[serde(deserialize_with = "duration")]
+    pub code_lifetime: Duration,
 }
 
 impl Default for TokensConfig {
@@ -210,6 +213,7 @@ impl Default for TokensConfig {
         TokensConfig {
             store: Spanned::new(0..0, "memory".to_owned()),
             sweep_interval: Duration::from_secs(60),
+            code_lifetime: Duration::from_secs(60),
         }
     }
 }

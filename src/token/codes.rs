@@ -15,8 +15,6 @@ use uuid::Uuid;
 use crate::error::Error;
 use crate::token::store::{digest, now_millis, TokenDigest};
 
-/// How long a code may be exchanged, in milliseconds.
-pub const CODE_LIFETIME_MS: u64 = 60_000;
 /// How long a used code is remembered for replay detection after it expires.
 const REPLAY_MEMORY_MS: u64 = 10 * 60_000;
 
@@ -80,8 +78,8 @@ pub fn pkce_matches(verifier: &str, challenge: &str) -> bool {
 }
 
 impl CodeStore {
-    /// Stores a grant and returns its code (256 random bits, base64url).
-    pub fn issue(&self, grant: CodeGrant) -> Result<String, Error> {
+    /// Stores a grant for `lifetime` and returns its code (256 random bits, base64url).
+    pub fn issue(&self, grant: CodeGrant, lifetime: std::time::Duration) -> Result<String, Error> {
         let mut bytes = [0u8; 32];
         getrandom::getrandom(&mut bytes)
             .map_err(|_| Error::Internal("the system random generator failed".into()))?;
@@ -90,7 +88,7 @@ impl CodeStore {
             digest(&code),
             CodeRecord {
                 grant,
-                expires_at: now_millis() + CODE_LIFETIME_MS,
+                expires_at: now_millis() + lifetime.as_millis() as u64,
                 used: false,
                 family: None,
             },
@@ -179,7 +177,9 @@ mod tests {
     #[test]
     fn single_use_and_replay_reports_the_family() {
         let store = CodeStore::default();
-        let code = store.issue(grant()).unwrap();
+        let code = store
+            .issue(grant(), std::time::Duration::from_secs(60))
+            .unwrap();
         assert_eq!(
             store.redeem(&code, "other", |_| Ok(())).unwrap_err(),
             CodeError::Invalid
