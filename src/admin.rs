@@ -1,18 +1,12 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics` (Prometheus text), plain HTTP.
 //! It is meant for a private address: it shows counts, never tokens or names.
 
-use std::convert::Infallible;
 use std::fmt::Write;
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Request, Response, StatusCode};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
 
 use crate::body::{self, Body};
 use crate::gateway::Shared;
@@ -98,7 +92,8 @@ fn text(
     response
 }
 
-fn answer<B>(shared: &Shared, request: &Request<B>) -> Response<Body> {
+/// Answers one admin request.
+pub fn answer<B>(shared: &Shared, request: &Request<B>) -> Response<Body> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n", PLAIN),
@@ -110,36 +105,6 @@ fn answer<B>(shared: &Shared, request: &Request<B>) -> Response<Body> {
             "text/plain; version=0.0.4; charset=utf-8",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found\n", PLAIN),
-    }
-}
-
-/// Serves the admin endpoints until `shutdown`.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => return,
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let response = answer(&shared, &request);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
     }
 }
 

@@ -76,6 +76,9 @@ pub struct Config {
     /// The file this was read from; relative paths in it are relative to its folder.
     #[serde(skip)]
     pub file: PathBuf,
+    /// The file's text, so checks made after parsing can still name a line.
+    #[serde(skip)]
+    source: std::sync::Arc<str>,
 }
 
 /// `[server]`
@@ -110,6 +113,16 @@ pub struct ServerConfig {
     pub hsts: Option<String>,
     /// Largest body the gateway's own endpoints (token, revoke…) accept, in bytes.
     pub max_form_body: usize,
+    /// Largest request head (request line and headers), in bytes; larger gets 431.
+    pub max_header_size: usize,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub h2_max_concurrent_streams: u32,
+    /// Plain-HTTP address that redirects every request to HTTPS (308); none by default.
+    pub http_redirect_listen: Option<SocketAddr>,
+    /// How often the certificate and key files are checked for replacement; a changed
+    /// pair is loaded for new connections without a signal.
+    #[serde(deserialize_with = "duration")]
+    pub cert_poll_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -126,6 +139,10 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             hsts: None,
             max_form_body: 64 * 1024,
+            max_header_size: 64 * 1024,
+            h2_max_concurrent_streams: 200,
+            http_redirect_listen: None,
+            cert_poll_interval: Duration::from_secs(10),
         }
     }
 }
@@ -145,6 +162,9 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per upstream.
     pub pool_max_idle_per_host: usize,
+    /// PEM file of CA certificates trusted for `https://` upstreams, instead of the
+    /// system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for UpstreamConfig {
@@ -154,6 +174,7 @@ impl Default for UpstreamConfig {
             response_timeout: Duration::from_secs(30),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
+            ca_file: None,
         }
     }
 }
@@ -302,7 +323,7 @@ pub struct UserConfig {
 pub struct RouteConfig {
     /// Path pattern: literal segments, `*` for one segment, a trailing `**` for the rest.
     pub path: Pattern,
-    /// Base URL of the upstream, `http://host:port[/prefix]`.
+    /// Base URL of the upstream, `http[s]://host:port[/prefix]`.
     pub upstream: UpstreamUrl,
     /// Serve without a bearer token.
     #[serde(default)]
@@ -328,6 +349,9 @@ pub struct RouteConfig {
     /// Overrides `[upstream] response_timeout` for this route.
     #[serde(default, deserialize_with = "optional_duration")]
     pub response_timeout: Option<Duration>,
+    /// Largest request body forwarded on this route, in bytes; larger gets 413.
+    #[serde(default)]
+    pub max_request_body: Option<u64>,
 }
 
 /// An argon2id PHC string, checked for form when read.
@@ -363,10 +387,10 @@ impl<'de> Deserialize<'de> for MethodName {
     }
 }
 
-/// An upstream base URL: `http://authority[/prefix]`, no query or fragment.
+/// An upstream base URL: `http[s]://authority[/prefix]`, no query or fragment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
-    /// `http`.
+    /// `http` or `https`.
     pub scheme: http::uri::Scheme,
     /// `host:port`.
     pub authority: http::uri::Authority,
@@ -384,10 +408,8 @@ impl UpstreamUrl {
             .scheme()
             .cloned()
             .ok_or_else(|| format!("`{text}` needs a scheme, e.g. http://{text}"))?;
-        if scheme != http::uri::Scheme::HTTP {
-            return Err(format!(
-                "`{text}`: only http:// upstreams are supported so far"
-            ));
+        if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+            return Err(format!("`{text}`: an upstream is http:// or https://"));
         }
         let authority = uri
             .authority()
@@ -475,8 +497,24 @@ impl Config {
             }
         })?;
         config.file = path.to_owned();
+        config.source = source.into();
         config.validate(source)?;
         Ok(config)
+    }
+
+    /// An error about `key`, located at `span` when the key was written in the file.
+    pub fn error_at(
+        &self,
+        span: std::ops::Range<usize>,
+        key: &str,
+        message: String,
+    ) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            line: (span.end > 0).then(|| line_of(&self.source, span.start)),
+            key: Some(key.to_owned()),
+            message,
+        }
     }
 
     /// Resolves a path from the file against the file's folder.
@@ -505,6 +543,23 @@ impl Config {
                     self.tokens.store.get_ref()
                 ),
             ));
+        }
+        if self.server.max_header_size < 1024 || self.server.h2_max_concurrent_streams == 0 {
+            return Err(error(
+                None,
+                "server.max_header_size".into(),
+                "max_header_size must be at least 1024 and h2_max_concurrent_streams at least 1"
+                    .into(),
+            ));
+        }
+        if let Some(ca) = &self.upstream.ca_file {
+            if !self.resolve(ca).exists() {
+                return Err(error(
+                    None,
+                    "upstream.ca_file".into(),
+                    format!("{} does not exist", self.resolve(ca).display()),
+                ));
+            }
         }
         if self.server.max_connections == 0 {
             return Err(error(

@@ -34,13 +34,14 @@ use crate::{auth, proxy, tls, token};
 pub const DEMO_CLIENT_ID: &str = "exampleClientApplication";
 
 /// Everything derived from one configuration.
+#[derive(Clone)]
 pub struct Live {
     /// The configuration itself.
     pub config: Config,
     /// Clients and users.
-    pub directory: Directory,
-    /// Routes, compiled.
-    pub routes: RouteTable,
+    pub directory: Arc<Directory>,
+    /// Routes, compiled, with their upstream clients.
+    pub routes: Arc<RouteTable>,
     /// The TLS server configuration (certificate, ALPN).
     pub tls: Arc<rustls::ServerConfig>,
 }
@@ -51,11 +52,13 @@ impl Live {
     pub fn build(config: Config, generate_cert: bool) -> Result<Live, ConfigError> {
         let cert = config.resolve(config.server.tls_cert.get_ref());
         let key = config.resolve(config.server.tls_key.get_ref());
-        let tls_error = |key_name: &str, message: String| ConfigError {
-            file: config.file.clone(),
-            line: None,
-            key: Some(key_name.to_owned()),
-            message,
+        let tls_error = |key_name: &str, message: String| {
+            let span = match key_name {
+                "server.tls_key" => config.server.tls_key.span(),
+                "server.tls_cert" => config.server.tls_cert.span(),
+                _ => 0..0,
+            };
+            config.error_at(span, key_name, message)
         };
         if generate_cert
             && tls::ensure_dev_certificate(&cert, &key)
@@ -81,12 +84,19 @@ impl Live {
         }
         let tls = tls::server_config(&cert, &key)
             .map_err(|e| tls_error("server.tls_cert", e.to_string()))?;
-        let routes = RouteTable::new(&config.routes, &config.upstream);
+        let needs_roots = config
+            .routes
+            .iter()
+            .any(|r| r.upstream.scheme == http::uri::Scheme::HTTPS);
+        let ca_file = config.upstream.ca_file.as_ref().map(|p| config.resolve(p));
+        let upstream_tls = proxy::upstream_tls(ca_file.as_deref(), needs_roots)
+            .map_err(|message| tls_error("upstream.ca_file", message))?;
+        let routes = RouteTable::new(&config.routes, &config.upstream, &upstream_tls);
         let directory = Directory::new(&config);
         Ok(Live {
             config,
-            directory,
-            routes,
+            directory: Arc::new(directory),
+            routes: Arc::new(routes),
             tls,
         })
     }
@@ -181,8 +191,42 @@ impl Gateway {
         admin: Option<tokio::net::TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) {
-        crate::server::serve(self.shared.clone(), listener, admin, shutdown).await
+        let listeners = crate::server::Listeners {
+            tls: listener,
+            admin,
+            redirect: None,
+        };
+        self.serve_all(listeners, shutdown).await
     }
+
+    /// Like [`Gateway::serve`], with every listener (including the HTTP→HTTPS redirect).
+    pub async fn serve_all(
+        &self,
+        listeners: crate::server::Listeners,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) {
+        crate::server::serve(self.shared.clone(), listeners, shutdown).await
+    }
+}
+
+/// Reloads the certificate and key of the current configuration for new connections.
+pub(crate) fn reload_certificate(shared: &Shared) -> Result<(), ConfigError> {
+    let old = shared.live();
+    let config = &old.config;
+    let cert = config.resolve(config.server.tls_cert.get_ref());
+    let key = config.resolve(config.server.tls_key.get_ref());
+    let tls = tls::server_config(&cert, &key).map_err(|e| {
+        config.error_at(
+            config.server.tls_cert.span(),
+            "server.tls_cert",
+            e.to_string(),
+        )
+    })?;
+    shared.live.store(Arc::new(Live {
+        tls,
+        ..(*old).clone()
+    }));
+    Ok(())
 }
 
 /// Host without port, from `Host` or `:authority`.

@@ -162,6 +162,7 @@ fn run(path: &Path) -> ExitCode {
 
 async fn serve(path: &Path, config: Config) -> Result<(), String> {
     let (listen, admin_listen) = (config.server.listen, config.admin.listen);
+    let redirect_listen = config.server.http_redirect_listen;
     let gateway = Gateway::new(config).map_err(|e| e.to_string())?;
     let listener = TcpListener::bind(listen)
         .await
@@ -169,61 +170,88 @@ async fn serve(path: &Path, config: Config) -> Result<(), String> {
     let admin = TcpListener::bind(admin_listen)
         .await
         .map_err(|e| format!("cannot listen on {admin_listen} (admin.listen): {e}"))?;
+    let redirect = match redirect_listen {
+        Some(address) => Some(TcpListener::bind(address).await.map_err(|e| {
+            format!("cannot listen on {address} (server.http_redirect_listen): {e}")
+        })?),
+        None => None,
+    };
+    // Handlers first, then the "serving" line: a signal sent the moment a supervisor
+    // sees that line must find them installed, not the default action (exit).
+    let signals = Signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let bound = |l: &TcpListener| l.local_addr().map_err(|e| e.to_string());
     tracing::info!(
-        listen = %listener.local_addr().map_err(|e| e.to_string())?,
-        admin = %admin_listen,
+        listen = %bound(&listener)?,
+        admin = %bound(&admin)?,
+        redirect = ?redirect.as_ref().map(bound).transpose()?,
         "covata-gateway serving"
     );
-    tokio::spawn(reload_on_hangup(gateway.clone(), path.to_owned()));
-    gateway
-        .serve(listener, Some(admin), shutdown_signal())
-        .await;
+    let Signals { shutdown, hangup } = signals;
+    tokio::spawn(reload_on_hangup(gateway.clone(), path.to_owned(), hangup));
+    let listeners = covata_gateway::server::Listeners {
+        tls: listener,
+        admin: Some(admin),
+        redirect,
+    };
+    gateway.serve_all(listeners, shutdown).await;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// The process's signal streams, installed before the gateway announces itself.
+struct Signals {
+    shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
+    hangup: tokio::signal::unix::Signal,
     #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+    hangup: (),
+}
+
+impl Signals {
+    #[cfg(unix)]
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let hangup = signal(SignalKind::hangup())?;
+        let shutdown = Box::pin(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("shutdown signal received");
+        });
+        Ok(Signals { shutdown, hangup })
     }
-    tracing::info!("shutdown signal received");
+
+    #[cfg(not(unix))]
+    fn install() -> std::io::Result<Signals> {
+        let shutdown = Box::pin(async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
+        Ok(Signals {
+            shutdown,
+            hangup: (),
+        })
+    }
 }
 
 /// SIGHUP: re-read the configuration and swap it in if it is valid.
-async fn reload_on_hangup(gateway: Gateway, path: PathBuf) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP; reload needs a restart");
-            return;
-        };
-        while hangup.recv().await.is_some() {
-            match Config::load(&path).and_then(|config| gateway.reload(config)) {
-                Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
-                Err(error) => {
-                    tracing::error!(%error, "reload refused; the previous configuration stays in force")
-                }
+#[cfg(unix)]
+async fn reload_on_hangup(
+    gateway: Gateway,
+    path: PathBuf,
+    mut hangup: tokio::signal::unix::Signal,
+) {
+    while hangup.recv().await.is_some() {
+        match Config::load(&path).and_then(|config| gateway.reload(config)) {
+            Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
+            Err(error) => {
+                tracing::error!(%error, "reload refused; the previous configuration stays in force")
             }
         }
     }
-    #[cfg(not(unix))]
-    let _ = (gateway, path);
 }
+
+#[cfg(not(unix))]
+async fn reload_on_hangup(_gateway: Gateway, _path: PathBuf, _hangup: ()) {}

@@ -5,14 +5,22 @@
 //! Covata's content service passes through without being held in memory.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Request, Response, Uri, Version};
-use hyper::body::Incoming;
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use ipnet::IpNet;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 
 use crate::body::{self, Body};
 use crate::config::UpstreamConfig;
@@ -20,21 +28,114 @@ use crate::error::Error;
 use crate::routes::Route;
 use crate::token::Identity;
 
-/// A pooled keep-alive HTTP client for upstreams.
-pub type UpstreamClient = hyper_util::client::legacy::Client<HttpConnector, Incoming>;
+/// A pooled keep-alive client for `http://` and `https://` upstreams.
+pub type UpstreamClient =
+    hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, RequestBody>;
+
+/// TLS settings for `https://` upstreams: the roots of `ca_file`, else the system's.
+/// `needed` is false when no route uses https, so a machine without a CA bundle can
+/// still run a gateway of plain-HTTP upstreams.
+pub fn upstream_tls(ca_file: Option<&Path>, needed: bool) -> Result<rustls::ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(format!(
+                    "{}: holds no usable CA certificate",
+                    path.display()
+                ));
+            }
+        }
+        None if needed => {
+            let native = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(native.certs);
+            if roots.is_empty() {
+                return Err("no system CA certificates found for https:// upstreams; set [upstream] ca_file".into());
+            }
+        }
+        None => {}
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
 
 /// Builds the upstream client with the given connect deadline.
-pub fn client(config: &UpstreamConfig, connect_timeout: Duration) -> UpstreamClient {
+pub fn client(
+    config: &UpstreamConfig,
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(connect_timeout));
     // Small proxied requests would otherwise wait on Nagle's algorithm.
     connector.set_nodelay(true);
+    connector.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(config.pool_idle_timeout)
         .pool_max_idle_per_host(config.pool_max_idle_per_host)
         .build(connector)
+}
+
+/// The body the gateway forwards: the client's, streamed, cut off past a route's
+/// `max_request_body`.
+pub struct RequestBody {
+    inner: Incoming,
+    remaining: Option<u64>,
+}
+
+/// The forwarded body passed the route's limit.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body exceeds this route's limit")]
+pub struct BodyTooLarge;
+
+impl hyper::body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let (Some(remaining), Some(data)) = (&mut this.remaining, frame.data_ref()) {
+                    let len = data.len() as u64;
+                    if len > *remaining {
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                    }
+                    *remaining -= len;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(error)) => Poll::Ready(Some(Err(Box::new(error)))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Identity headers the gateway sets; a client's own copies are removed first.
@@ -193,6 +294,9 @@ fn upstream_uri(route: &Route, path: &str, query: Option<&str>) -> Result<Uri, E
 fn classify(error: hyper_util::client::legacy::Error, route: &Route) -> Error {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
     while let Some(e) = source {
+        if e.is::<BodyTooLarge>() {
+            return too_large(route.max_request_body.unwrap_or_default());
+        }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             if io.kind() == std::io::ErrorKind::TimedOut {
                 return Error::GatewayTimeout(
@@ -213,24 +317,74 @@ fn classify(error: hyper_util::client::legacy::Error, route: &Route) -> Error {
     }
 }
 
+/// Whether an HTTP/1.1 request asks to switch protocols (WebSocket and the like).
+fn upgrade_requested<B>(request: &Request<B>) -> Option<HeaderValue> {
+    if request.version() != Version::HTTP_11 {
+        return None;
+    }
+    let connection_upgrade = request
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    connection_upgrade
+        .then(|| request.headers().get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+fn too_large(limit: u64) -> Error {
+    Error::PayloadTooLarge(
+        format!("the request body exceeds this route's limit of {limit} bytes").into(),
+    )
+}
+
 /// Forwards a request to its route's upstream and streams the answer back.
+///
+/// An `Upgrade` request is forwarded with its `Upgrade` header; only when the upstream
+/// answers 101 do the two connections become a byte tunnel. Any other answer is an
+/// ordinary response and the client's connection stays HTTP (so a refused upgrade can
+/// never smuggle bytes past the gateway).
 pub async fn forward(
     client: &UpstreamClient,
     route: &Route,
     identity: Option<&Identity>,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     path: &str,
     origin: &Origin<'_>,
 ) -> Result<Response<Body>, Error> {
+    if let Some(limit) = route.max_request_body {
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(too_large(limit));
+        }
+    }
+    let upgrade = upgrade_requested(&request);
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
     let original_host = request_host(&request);
     let (mut parts, incoming) = request.into_parts();
     parts.uri = upstream_uri(route, path, parts.uri.query())?;
     // Upstreams are spoken to over HTTP/1.1 whatever the client used.
     parts.version = Version::HTTP_11;
     rewrite_request_headers(&mut parts.headers, original_host, identity, route, origin);
+    if let Some(protocol) = &upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol.clone());
+    }
+    let body = RequestBody {
+        inner: incoming,
+        remaining: route.max_request_body,
+    };
 
-    let pending = client.request(Request::from_parts(parts, incoming));
-    let response = tokio::time::timeout(route.response_timeout, pending)
+    let pending = client.request(Request::from_parts(parts, body));
+    let mut response = tokio::time::timeout(route.response_timeout, pending)
         .await
         .map_err(|_| {
             Error::GatewayTimeout(
@@ -242,6 +396,40 @@ pub async fn forward(
             )
         })?
         .map_err(|e| classify(e, route))?;
+
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            return Err(Error::BadGateway(
+                "the upstream switched protocols unasked".into(),
+            ));
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client_io, upstream_io)) => {
+                    let (mut client_io, mut upstream_io) =
+                        (TokioIo::new(client_io), TokioIo::new(upstream_io));
+                    if let Err(error) =
+                        tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io).await
+                    {
+                        tracing::debug!(%error, "upgraded connection ended with an error");
+                    }
+                }
+                Err(error) => tracing::debug!(%error, "protocol switch failed"),
+            }
+        });
+        let (mut parts, _) = response.into_parts();
+        let protocol = parts.headers.get(header::UPGRADE).cloned();
+        strip_hop_by_hop(&mut parts.headers);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(protocol) = protocol {
+            parts.headers.insert(header::UPGRADE, protocol);
+        }
+        return Ok(Response::from_parts(parts, body::empty()));
+    }
+
     let (mut parts, incoming) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, body::streamed(incoming)))

@@ -223,6 +223,8 @@ pub struct Route {
     pub connect_timeout: Duration,
     /// Upstream response-header deadline.
     pub response_timeout: Duration,
+    /// Largest forwarded request body; `None` for no limit.
+    pub max_request_body: Option<u64>,
     /// Pooled client for the upstream (shared by routes with the same connect deadline).
     pub client: UpstreamClient,
 }
@@ -235,7 +237,11 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Compiles the configured routes with the `[upstream]` defaults filled in.
-    pub fn new(routes: &[RouteConfig], defaults: &crate::config::UpstreamConfig) -> RouteTable {
+    pub fn new(
+        routes: &[RouteConfig],
+        defaults: &crate::config::UpstreamConfig,
+        tls: &rustls::ClientConfig,
+    ) -> RouteTable {
         let mut clients: HashMap<Duration, UpstreamClient> = HashMap::new();
         let routes = routes
             .iter()
@@ -244,7 +250,7 @@ impl RouteTable {
                 let connect_timeout = r.connect_timeout.unwrap_or(defaults.connect_timeout);
                 let client = clients
                     .entry(connect_timeout)
-                    .or_insert_with(|| crate::proxy::client(defaults, connect_timeout))
+                    .or_insert_with(|| crate::proxy::client(defaults, tls.clone(), connect_timeout))
                     .clone();
                 Route {
                     index,
@@ -261,6 +267,7 @@ impl RouteTable {
                     forward_authorization: r.forward_authorization,
                     connect_timeout,
                     response_timeout: r.response_timeout.unwrap_or(defaults.response_timeout),
+                    max_request_body: r.max_request_body,
                     client,
                 }
             })
@@ -388,7 +395,8 @@ mod tests {
             upstream = "http://127.0.0.1:3/base/"
         "#;
         let config = crate::config::Config::parse(toml, std::path::Path::new("t.toml")).unwrap();
-        let table = RouteTable::new(&config.routes, &config.upstream);
+        let tls = crate::proxy::upstream_tls(None, false).unwrap();
+        let table = RouteTable::new(&config.routes, &config.upstream, &tls);
         let find = |m: &Method, host, path| table.find(m, host, path).map(|r| r.index);
         assert_eq!(find(&Method::GET, None, "/api/v1/config"), Some(0));
         assert_eq!(find(&Method::POST, None, "/api/v1/config"), Some(2));

@@ -1,23 +1,138 @@
-//! The accept loop, connections, and graceful shutdown.
+//! The accept loop, connections, and graceful shutdown; also the two small plain-HTTP
+//! listeners (admin, HTTP→HTTPS redirect) and the certificate-file watch.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 
+use crate::body::{self, Body};
 use crate::gateway::{self, Shared};
 
 /// A pause after an accept error such as EMFILE, so a full file table does not become a
 /// busy loop; the loop itself never ends on an accept error.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// The sockets a gateway serves.
+pub struct Listeners {
+    /// HTTPS.
+    pub tls: TcpListener,
+    /// Plain-HTTP health and metrics.
+    pub admin: Option<TcpListener>,
+    /// Plain-HTTP redirect to HTTPS.
+    pub redirect: Option<TcpListener>,
+}
+
+/// An I/O stream that fails once no byte has moved either way for `timeout`: the idle
+/// timeout of a connection, for HTTP/2 as for HTTP/1.1 and upgraded tunnels alike.
+///
+/// The timer is not reset on every read and write; it fires, finds the last activity,
+/// and re-arms itself for the remainder, so busy connections pay only a clock read.
+struct IdleIo<T> {
+    inner: T,
+    timeout: Duration,
+    last_activity: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<T> IdleIo<T> {
+    fn new(inner: T, timeout: Duration) -> Self {
+        IdleIo {
+            inner,
+            timeout,
+            last_activity: Instant::now(),
+            timer: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+
+    /// Called when the inner stream is not ready: is the connection idle too long?
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let deadline = self.last_activity + self.timeout;
+            if Instant::now() >= deadline {
+                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "connection idle"));
+            }
+            self.timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Pending => this.poll_idle(cx).map(Err),
+            ready => {
+                this.last_activity = Instant::now();
+                ready
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Pending => this.poll_idle(cx).map(Err),
+            ready => {
+                this.last_activity = Instant::now();
+                ready
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Pending => this.poll_idle(cx).map(Err),
+            ready => {
+                this.last_activity = Instant::now();
+                ready
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
 
 fn connection_builder(server: &crate::config::ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -25,34 +140,60 @@ fn connection_builder(server: &crate::config::ServerConfig) -> auto::Builder<Tok
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(server.header_read_timeout)
+        // hyper's smallest allowed read buffer is 8 KiB; the head must fit in it.
+        .max_buf_size(server.max_header_size.max(8192))
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_concurrent_streams(server.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(server.max_header_size).unwrap_or(u32::MAX))
         .keep_alive_interval(server.idle_timeout / 2)
         .keep_alive_timeout(server.header_read_timeout);
     builder
 }
 
-/// Runs the TLS listener (and the admin listener) until `shutdown`, then drains.
+/// Runs the listeners until `shutdown`, then drains the HTTPS connections.
 pub async fn serve(
     shared: Arc<Shared>,
-    listener: TcpListener,
-    admin: Option<TcpListener>,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let Listeners {
+        tls: listener,
+        admin,
+        redirect,
+    } = listeners;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let admin_task = admin.map(|admin| {
+    let stopped = move || {
         let mut stop = stop_rx.clone();
-        tokio::spawn(crate::admin::serve(shared.clone(), admin, async move {
+        async move {
             let _ = stop.wait_for(|s| *s).await;
-        }))
-    });
-    let sweeper = tokio::spawn(sweep(shared.clone()));
+        }
+    };
+    let mut side_tasks = Vec::new();
+    if let Some(admin) = admin {
+        let shared = shared.clone();
+        side_tasks.push(tokio::spawn(serve_plain(
+            admin,
+            move |request| crate::admin::answer(&shared, request),
+            stopped(),
+        )));
+    }
+    if let Some(redirect) = redirect {
+        let https_port = listener.local_addr().map(|a| a.port()).unwrap_or(443);
+        side_tasks.push(tokio::spawn(serve_plain(
+            redirect,
+            move |request| redirect_to_https(request, https_port),
+            stopped(),
+        )));
+    }
+    let background = [
+        tokio::spawn(sweep(shared.clone())),
+        tokio::spawn(watch_certificate(shared.clone())),
+    ];
 
-    let live = shared.live();
-    let limit = Arc::new(Semaphore::new(live.config.server.max_connections));
-    drop(live);
+    let limit = Arc::new(Semaphore::new(shared.live().config.server.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -79,14 +220,16 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let live = shared.live();
         let acceptor = TlsAcceptor::from(live.tls.clone());
-        let handshake_timeout = live.config.server.tls_handshake_timeout;
-        let builder = connection_builder(&live.config.server);
+        let server = &live.config.server;
+        let (handshake_timeout, idle_timeout) = (server.tls_handshake_timeout, server.idle_timeout);
+        let builder = connection_builder(server);
         drop(live);
         let watcher = graceful.watcher();
         let shared = shared.clone();
         shared.metrics.connection_opened();
         tokio::spawn(async move {
             let _permit = permit;
+            let stream = IdleIo::new(stream, idle_timeout);
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {
@@ -133,11 +276,87 @@ pub async fn serve(
             "shutdown grace period passed; closing the remaining connections"
         );
     }
-    sweeper.abort();
+    for task in background {
+        task.abort();
+    }
     let _ = stop_tx.send(true);
-    if let Some(task) = admin_task {
+    for task in side_tasks {
         let _ = task.await;
     }
+}
+
+/// A plain-HTTP/1.1 listener answering every request with `answer`.
+async fn serve_plain<F>(listener: TcpListener, answer: F, shutdown: impl Future<Output = ()>)
+where
+    F: Fn(&Request<hyper::body::Incoming>) -> Response<Body> + Clone + Send + Sync + 'static,
+{
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let answer = answer.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let response = answer(&request);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(
+                    TokioIo::new(IdleIo::new(stream, Duration::from_secs(60))),
+                    service,
+                )
+                .await;
+        });
+    }
+}
+
+/// 308 to the same host and path over HTTPS (the method and body are kept by 308).
+fn redirect_to_https<B>(request: &Request<B>, https_port: u16) -> Response<Body> {
+    let host = request
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| match h.rsplit_once(':') {
+            // Keep IPv6 literals whole: "[::1]:80" has a port, "[::1]" has none.
+            Some((name, port)) if !port.contains(']') => name,
+            _ => h,
+        })
+        .filter(|h| !h.is_empty());
+    let Some(host) = host else {
+        let mut response = Response::new(body::full(Bytes::from_static(
+            b"a Host header is required\n",
+        )));
+        *response.status_mut() = StatusCode::BAD_REQUEST;
+        return response;
+    };
+    let port = if https_port == 443 {
+        String::new()
+    } else {
+        format!(":{https_port}")
+    };
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    match HeaderValue::from_str(&format!("https://{host}{port}{path}")) {
+        Ok(location) => {
+            response
+                .headers_mut()
+                .insert(http::header::LOCATION, location);
+        }
+        Err(_) => *response.status_mut() = StatusCode::BAD_REQUEST,
+    }
+    response
 }
 
 /// Sweeps expired tokens and stale lockout counters on the blocking pool, so a sweep of
@@ -158,5 +377,86 @@ async fn sweep(shared: Arc<Shared>) {
         if let Ok(swept) = swept {
             tracing::debug!(swept, "expired tokens swept");
         }
+    }
+}
+
+fn modified(path: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Loads a replaced certificate/key pair for new connections, without a signal. A pair
+/// that does not load (say, the key is not written yet) is retried when a file changes
+/// again; the old certificate stays in use meanwhile.
+async fn watch_certificate(shared: Arc<Shared>) {
+    let stamp = |shared: &Shared| {
+        let live = shared.live();
+        let server = &live.config.server;
+        (
+            modified(&live.config.resolve(server.tls_cert.get_ref())),
+            modified(&live.config.resolve(server.tls_key.get_ref())),
+        )
+    };
+    let mut seen = stamp(&shared);
+    loop {
+        tokio::time::sleep(shared.live().config.server.cert_poll_interval).await;
+        let now = stamp(&shared);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match gateway::reload_certificate(&shared) {
+            Ok(()) => tracing::info!("certificate file changed: loaded for new connections"),
+            Err(error) => {
+                tracing::error!(%error, "certificate file changed but does not load; keeping the previous one")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn idle_io_fails_after_silence_but_not_while_bytes_move() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut idle = IdleIo::new(a, Duration::from_millis(150));
+        let mut buf = [0u8; 1];
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(80)).await;
+            b.write_all(b"x").await.unwrap();
+            idle.read_exact(&mut buf).await.unwrap();
+        }
+        let started = std::time::Instant::now();
+        let error = idle.read_exact(&mut buf).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_millis(140));
+    }
+
+    #[test]
+    fn redirects_keep_host_path_and_query() {
+        let request = |host: &str| {
+            Request::builder()
+                .uri("/api/v1/x?y=1")
+                .header("host", host)
+                .body(())
+                .unwrap()
+        };
+        let location = |r: Response<Body>| r.headers()["location"].to_str().unwrap().to_owned();
+        assert_eq!(
+            location(redirect_to_https(&request("example.com:80"), 443)),
+            "https://example.com/api/v1/x?y=1"
+        );
+        assert_eq!(
+            location(redirect_to_https(&request("example.com"), 8443)),
+            "https://example.com:8443/api/v1/x?y=1"
+        );
+        assert_eq!(
+            location(redirect_to_https(&request("[::1]:80"), 8443)),
+            "https://[::1]:8443/api/v1/x?y=1"
+        );
+        let no_host = Request::builder().uri("/").body(()).unwrap();
+        assert_eq!(redirect_to_https(&no_host, 443).status(), 400);
     }
 }

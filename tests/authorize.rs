@@ -314,7 +314,8 @@ async fn exchange_errors() {
     let b = Browser::start().await;
     let code = b.code_for("webapp", &[]).await;
     let other = format!("{}/second", b.callback);
-    let cases: Vec<(&str, Vec<(&str, &str)>, Option<(&str, &str)>, u16, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Option<(&'a str, &'a str)>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "wrong redirect_uri",
             vec![
@@ -423,7 +424,8 @@ async fn csrf_token_missing_or_wrong_is_refused() {
         fields.extend(extra.iter().cloned());
         fields
     };
-    let cases: Vec<(&str, Vec<(&str, String)>, Option<&str>)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, Option<&'a str>);
+    let cases: Vec<Case> = vec![
         ("no token", with(&[]), None),
         ("wrong token", with(&[("csrf_token", "A".repeat(43))]), None),
         ("no cookie", with(&[("csrf_token", csrf.clone())]), Some("")),
