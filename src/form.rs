@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::HeaderMap;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::error::Error;
@@ -83,17 +83,35 @@ pub async fn read(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
+        crate::body::drain(body).await;
         return Err(too_large());
     }
-    let collected = tokio::time::timeout(deadline, Limited::new(body, limit).collect())
-        .await
-        .map_err(|_| Error::RequestTimeout("the request body did not arrive in time".into()))?;
-    match collected {
-        Ok(collected) => Form::parse(&collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(_) => Err(Error::InvalidRequest(
-            "the request body could not be read".into(),
+    let mut body = body;
+    let read = async {
+        let mut collected = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|_| Error::InvalidRequest("the request body could not be read".into()))?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            if collected.len() + data.len() > limit {
+                return Ok(None);
+            }
+            collected.extend_from_slice(data);
+        }
+        Ok(Some(collected))
+    };
+    match tokio::time::timeout(deadline, read).await {
+        Err(_) => Err(Error::RequestTimeout(
+            "the request body did not arrive in time".into(),
         )),
+        Ok(Err(error)) => Err(error),
+        Ok(Ok(Some(collected))) => Form::parse(&collected),
+        Ok(Ok(None)) => {
+            crate::body::drain(body).await;
+            Err(too_large())
+        }
     }
 }
 
