@@ -165,6 +165,10 @@ pub struct UpstreamConfig {
     /// PEM file of CA certificates trusted for `https://` upstreams, instead of the
     /// system's roots.
     pub ca_file: Option<PathBuf>,
+    /// How long an upstream address that refused or timed out a connection is skipped
+    /// when a route lists several.
+    #[serde(deserialize_with = "duration")]
+    pub cooldown: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -175,6 +179,7 @@ impl Default for UpstreamConfig {
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
             ca_file: None,
+            cooldown: Duration::from_secs(10),
         }
     }
 }
@@ -323,8 +328,9 @@ pub struct UserConfig {
 pub struct RouteConfig {
     /// Path pattern: literal segments, `*` for one segment, a trailing `**` for the rest.
     pub path: Pattern,
-    /// Base URL of the upstream, `http[s]://host:port[/prefix]`.
-    pub upstream: UpstreamUrl,
+    /// Base URL of the upstream, `http[s]://host:port[/prefix]`, or a list of them to
+    /// take in turn (round-robin, skipping addresses that recently failed to connect).
+    pub upstream: Upstreams,
     /// Serve without a bearer token.
     #[serde(default)]
     pub public: bool,
@@ -352,6 +358,42 @@ pub struct RouteConfig {
     /// Largest request body forwarded on this route, in bytes; larger gets 413.
     #[serde(default)]
     pub max_request_body: Option<u64>,
+    /// Removed from the front of the path before forwarding, e.g. "/api/v1".
+    #[serde(default)]
+    pub strip_prefix: Option<String>,
+    /// Put in front of the path before forwarding (after strip_prefix), e.g. "/v2".
+    #[serde(default)]
+    pub add_prefix: Option<String>,
+}
+
+/// One upstream URL or several.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstreams(pub Vec<UpstreamUrl>);
+
+impl<'de> Deserialize<'de> for Upstreams {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        let texts = match OneOrMany::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("upstream is a URL or a list of URLs"))?
+        {
+            OneOrMany::One(text) => vec![text],
+            OneOrMany::Many(texts) => texts,
+        };
+        if texts.is_empty() {
+            return Err(serde::de::Error::custom("upstream lists no URL"));
+        }
+        texts
+            .iter()
+            .map(|t| UpstreamUrl::parse(t))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Upstreams)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// An argon2id PHC string, checked for form when read.
@@ -731,6 +773,24 @@ impl Config {
                         format!("routes[{i}].host"),
                         format!("`{host}` is not a host name (no port, scheme or path)"),
                     ));
+                }
+            }
+            for (name, prefix) in [
+                ("strip_prefix", &route.strip_prefix),
+                ("add_prefix", &route.add_prefix),
+            ] {
+                if let Some(prefix) = prefix {
+                    let valid = prefix.starts_with('/')
+                        && !prefix.ends_with('/')
+                        && crate::routes::normalize_path(prefix)
+                            .is_ok_and(|p| p == prefix.as_str());
+                    if !valid {
+                        return Err(error(
+                            Some(route.path.span.clone()),
+                            format!("routes[{i}].{name}"),
+                            format!("`{prefix}` must be a normalised path starting with '/' and not ending with '/', e.g. \"/api/v1\""),
+                        ));
+                    }
                 }
             }
             if route.public && (!route.roles.is_empty() || !route.scopes.is_empty()) {

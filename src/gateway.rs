@@ -87,7 +87,8 @@ impl Live {
         let needs_roots = config
             .routes
             .iter()
-            .any(|r| r.upstream.scheme == http::uri::Scheme::HTTPS);
+            .flat_map(|r| &r.upstream.0)
+            .any(|url| url.scheme == http::uri::Scheme::HTTPS);
         let ca_file = config.upstream.ca_file.as_ref().map(|p| config.resolve(p));
         let upstream_tls = proxy::upstream_tls(ca_file.as_deref(), needs_roots)
             .map_err(|message| tls_error("upstream.ca_file", message))?;
@@ -324,15 +325,7 @@ async fn dispatch(
         peer,
         trusted_proxies: trusted,
     };
-    proxy::forward(
-        &route.client,
-        route,
-        identity.as_deref(),
-        request,
-        &path,
-        &origin,
-    )
-    .await
+    proxy::forward(route, identity.as_deref(), request, &path, &origin).await
 }
 
 /// Marks the gateway as draining (`/readyz` answers 503).

@@ -82,6 +82,13 @@ fn hash_password() -> ExitCode {
 
 fn check_config(path: &Path) -> ExitCode {
     let checked = Config::load(path).and_then(|config| {
+        for (shadowed, by) in covata_gateway::routes::shadowed(&config.routes) {
+            println!(
+                "warning: routes[{shadowed}] (path \"{}\") can never match: routes[{by}] (path \"{}\") comes first and takes every request it would",
+                config.routes[shadowed].path.as_str(),
+                config.routes[by].path.as_str()
+            );
+        }
         let cert = config.resolve(config.server.tls_cert.get_ref());
         let key = config.resolve(config.server.tls_key.get_ref());
         if !cert.exists() && !key.exists() {

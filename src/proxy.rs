@@ -7,7 +7,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -94,9 +94,48 @@ pub fn client(
 
 /// The body the gateway forwards: the client's, streamed, cut off past a route's
 /// `max_request_body`.
+///
+/// When a route has several addresses the body starts out parked in a shared slot and
+/// moves into the body on its first poll, which the client makes only once a connection
+/// stands. If the connection fails first, the slot still holds the body and the request
+/// can go to the next address; once polled, the body may be partly sent and the request
+/// is never retried.
 pub struct RequestBody {
-    inner: Incoming,
+    state: BodyState,
     remaining: Option<u64>,
+}
+
+enum BodyState {
+    Parked(Arc<Mutex<Option<Incoming>>>),
+    Streaming(Incoming),
+    Done,
+}
+
+impl RequestBody {
+    fn streaming(incoming: Incoming, limit: Option<u64>) -> Self {
+        RequestBody {
+            state: BodyState::Streaming(incoming),
+            remaining: limit,
+        }
+    }
+
+    fn parked(slot: Arc<Mutex<Option<Incoming>>>, limit: Option<u64>) -> Self {
+        RequestBody {
+            state: BodyState::Parked(slot),
+            remaining: limit,
+        }
+    }
+
+    fn with_inner<T>(&self, f: impl FnOnce(&Incoming) -> T, done: T) -> T {
+        match &self.state {
+            BodyState::Streaming(inner) => f(inner),
+            BodyState::Parked(slot) => match slot.lock() {
+                Ok(guard) => guard.as_ref().map_or(done, f),
+                Err(_) => done,
+            },
+            BodyState::Done => done,
+        }
+    }
 }
 
 /// The forwarded body passed the route's limit.
@@ -113,11 +152,24 @@ impl hyper::body::Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+        if let BodyState::Parked(slot) = &this.state {
+            let taken = slot.lock().ok().and_then(|mut guard| guard.take());
+            this.state = taken.map_or(BodyState::Done, BodyState::Streaming);
+        }
+        let BodyState::Streaming(inner) = &mut this.state else {
+            return Poll::Ready(None);
+        };
+        match std::task::ready!(Pin::new(inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
                 if let (Some(remaining), Some(data)) = (&mut this.remaining, frame.data_ref()) {
                     let len = data.len() as u64;
                     if len > *remaining {
+                        // Drain the rest so the client can read the 413 (see body::drain).
+                        if let BodyState::Streaming(rest) =
+                            std::mem::replace(&mut this.state, BodyState::Done)
+                        {
+                            tokio::spawn(body::drain(rest));
+                        }
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                     }
                     *remaining -= len;
@@ -130,11 +182,11 @@ impl hyper::body::Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.with_inner(|inner| inner.is_end_stream(), true)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.with_inner(|inner| inner.size_hint(), SizeHint::with_exact(0))
     }
 }
 
@@ -277,15 +329,19 @@ pub fn request_host<B>(request: &Request<B>) -> Option<HeaderValue> {
     })
 }
 
-fn upstream_uri(route: &Route, path: &str, query: Option<&str>) -> Result<Uri, Error> {
-    let prefix = &route.upstream.prefix;
+fn upstream_uri(
+    target: &crate::config::UpstreamUrl,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Uri, Error> {
+    let prefix = &target.prefix;
     let path_and_query = match query {
         Some(query) => format!("{prefix}{path}?{query}"),
         None => format!("{prefix}{path}"),
     };
     Uri::builder()
-        .scheme(route.upstream.scheme.clone())
-        .authority(route.upstream.authority.clone())
+        .scheme(target.scheme.clone())
+        .authority(target.authority.clone())
         .path_and_query(path_and_query)
         .build()
         .map_err(|_| Error::InvalidRequest("the request target cannot be forwarded".into()))
@@ -314,6 +370,25 @@ fn classify(error: hyper_util::client::legacy::Error, route: &Route) -> Error {
         Error::BadGateway("the upstream is unreachable".into())
     } else {
         Error::BadGateway("the upstream failed to answer".into())
+    }
+}
+
+enum Failure {
+    Connect(hyper_util::client::legacy::Error),
+    Other(hyper_util::client::legacy::Error),
+    TimedOut,
+}
+
+async fn send(
+    client: &UpstreamClient,
+    request: Request<RequestBody>,
+    deadline: tokio::time::Instant,
+) -> Result<Response<Incoming>, Failure> {
+    match tokio::time::timeout_at(deadline, client.request(request)).await {
+        Err(_) => Err(Failure::TimedOut),
+        Ok(Err(error)) if error.is_connect() => Err(Failure::Connect(error)),
+        Ok(Err(error)) => Err(Failure::Other(error)),
+        Ok(Ok(response)) => Ok(response),
     }
 }
 
@@ -347,7 +422,6 @@ fn too_large(limit: u64) -> Error {
 /// ordinary response and the client's connection stays HTTP (so a refused upgrade can
 /// never smuggle bytes past the gateway).
 pub async fn forward(
-    client: &UpstreamClient,
     route: &Route,
     identity: Option<&Identity>,
     mut request: Request<Incoming>,
@@ -361,6 +435,7 @@ pub async fn forward(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit) {
+            body::drain(request.into_body()).await;
             return Err(too_large(limit));
         }
     }
@@ -368,9 +443,7 @@ pub async fn forward(
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
     let original_host = request_host(&request);
     let (mut parts, incoming) = request.into_parts();
-    parts.uri = upstream_uri(route, path, parts.uri.query())?;
-    // Upstreams are spoken to over HTTP/1.1 whatever the client used.
-    parts.version = Version::HTTP_11;
+    let path = route.rewrite(path);
     rewrite_request_headers(&mut parts.headers, original_host, identity, route, origin);
     if let Some(protocol) = &upgrade {
         parts
@@ -378,24 +451,64 @@ pub async fn forward(
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, protocol.clone());
     }
-    let body = RequestBody {
-        inner: incoming,
-        remaining: route.max_request_body,
+    let query = parts.uri.query();
+    let build = |target: usize, body: RequestBody, headers: HeaderMap| {
+        let uri = upstream_uri(&route.targets[target].url, &path, query)?;
+        let mut forwarded = Request::new(body);
+        *forwarded.method_mut() = parts.method.clone();
+        *forwarded.uri_mut() = uri;
+        // Upstreams are spoken to over HTTP/1.1 whatever the client used.
+        *forwarded.version_mut() = Version::HTTP_11;
+        *forwarded.headers_mut() = headers;
+        Ok::<_, Error>(forwarded)
     };
 
-    let pending = client.request(Request::from_parts(parts, body));
-    let mut response = tokio::time::timeout(route.response_timeout, pending)
-        .await
-        .map_err(|_| {
-            Error::GatewayTimeout(
-                format!(
-                    "the upstream did not answer within {:?}",
-                    route.response_timeout
-                )
-                .into(),
+    let client = &route.client;
+    let deadline = tokio::time::Instant::now() + route.response_timeout;
+    let target = route.pick(None);
+    let headers = std::mem::take(&mut parts.headers);
+    // Only a route with several addresses can retry, so only it keeps what a retry needs.
+    let (body, retry) = if route.targets.len() > 1 {
+        let slot = Arc::new(Mutex::new(Some(incoming)));
+        let body = RequestBody::parked(slot.clone(), route.max_request_body);
+        (body, Some((slot, headers.clone())))
+    } else {
+        (
+            RequestBody::streaming(incoming, route.max_request_body),
+            None,
+        )
+    };
+    let mut outcome = send(client, build(target, body, headers)?, deadline).await;
+    if let Err(Failure::Connect(_)) = &outcome {
+        route.targets[target].mark_down(route.cooldown);
+        let unsent = retry.and_then(|(slot, headers)| {
+            let incoming = slot.lock().ok().and_then(|mut guard| guard.take())?;
+            Some((incoming, headers))
+        });
+        if let Some((incoming, headers)) = unsent {
+            let next = route.pick(Some(target));
+            tracing::debug!(
+                failed = %route.targets[target].url,
+                next = %route.targets[next].url,
+                "upstream connect failed before the request was sent; retrying on the next address"
+            );
+            let body = RequestBody::streaming(incoming, route.max_request_body);
+            outcome = send(client, build(next, body, headers)?, deadline).await;
+            if let Err(Failure::Connect(_)) = &outcome {
+                route.targets[next].mark_down(route.cooldown);
+            }
+        }
+    }
+    let mut response = outcome.map_err(|failure| match failure {
+        Failure::Connect(error) | Failure::Other(error) => classify(error, route),
+        Failure::TimedOut => Error::GatewayTimeout(
+            format!(
+                "the upstream did not answer within {:?}",
+                route.response_timeout
             )
-        })?
-        .map_err(|e| classify(e, route))?;
+            .into(),
+        ),
+    })?;
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {

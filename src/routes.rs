@@ -10,6 +10,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::Method;
@@ -22,7 +23,7 @@ use crate::proxy::UpstreamClient;
 
 /// One segment of a path pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Segment {
+pub(crate) enum Segment {
     /// Matches exactly this text.
     Literal(Box<str>),
     /// `*`: any one non-empty segment.
@@ -35,7 +36,7 @@ enum Segment {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pattern {
     text: String,
-    segments: Vec<Segment>,
+    pub(crate) segments: Vec<Segment>,
     /// Where the pattern stands in the configuration file.
     pub span: Range<usize>,
 }
@@ -81,6 +82,31 @@ impl Pattern {
     /// The pattern as written.
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+
+    /// Whether every path this pattern's `other` matches is matched by this one too.
+    pub fn covers(&self, other: &Pattern) -> bool {
+        let mut theirs = other.segments.iter();
+        for mine in &self.segments {
+            if *mine == Segment::Rest {
+                // `**` takes zero or more segments: whatever is left of theirs.
+                return true;
+            }
+            let Some(their) = theirs.next() else {
+                return false;
+            };
+            let covered = match (mine, their) {
+                (Segment::Rest, _) => return true,
+                (Segment::One, Segment::One) => true,
+                (Segment::One, Segment::Literal(l)) => !l.is_empty(),
+                (Segment::Literal(a), Segment::Literal(b)) => a == b,
+                _ => false,
+            };
+            if !covered {
+                return false;
+            }
+        }
+        theirs.next().is_none()
     }
 
     /// Whether a normalised path (starting with '/', no query) matches.
@@ -199,14 +225,35 @@ fn is_dot_segment(bytes: &[u8], i: usize) -> bool {
     end(i + 1) || (bytes.get(i + 1) == Some(&b'.') && end(i + 2))
 }
 
+/// One address of a route's upstream, with its passive health.
+pub struct Target {
+    /// The base URL.
+    pub url: UpstreamUrl,
+    /// Until when (ms since the epoch) this address is skipped after a failed connect.
+    down_until: AtomicU64,
+}
+
+impl Target {
+    /// Skips this address for `cooldown`.
+    pub fn mark_down(&self, cooldown: Duration) {
+        let until = crate::token::store::now_millis() + cooldown.as_millis() as u64;
+        self.down_until.store(until, Ordering::Relaxed);
+    }
+
+    fn is_up(&self, now: u64) -> bool {
+        self.down_until.load(Ordering::Relaxed) <= now
+    }
+}
+
 /// A route ready to serve.
 pub struct Route {
     /// Position in the file, for logs.
     pub index: usize,
     /// The path pattern.
     pub pattern: Pattern,
-    /// Where matching requests go.
-    pub upstream: UpstreamUrl,
+    /// Where matching requests go: one address, or several taken in turn.
+    pub targets: Vec<Target>,
+    next_target: AtomicUsize,
     /// Served without a token.
     pub public: bool,
     /// Methods matched; `None` for all.
@@ -219,20 +266,123 @@ pub struct Route {
     pub scopes: Vec<String>,
     /// Pass `Authorization` to the upstream.
     pub forward_authorization: bool,
+    /// Removed from the front of the path before forwarding.
+    pub strip_prefix: Option<String>,
+    /// Put in front of the (stripped) path before forwarding.
+    pub add_prefix: Option<String>,
     /// Upstream connect deadline.
     pub connect_timeout: Duration,
     /// Upstream response-header deadline.
     pub response_timeout: Duration,
+    /// How long an address that failed to connect is skipped.
+    pub cooldown: Duration,
     /// Largest forwarded request body; `None` for no limit.
     pub max_request_body: Option<u64>,
     /// Pooled client for the upstream (shared by routes with the same connect deadline).
     pub client: UpstreamClient,
 }
 
-/// The routes of a configuration, in order.
+impl Route {
+    /// The next address in round-robin order, skipping those cooling down, and not
+    /// `avoid` (the one that just failed); when every address is down, the next anyway.
+    pub fn pick(&self, avoid: Option<usize>) -> usize {
+        let n = self.targets.len();
+        if n == 1 {
+            return 0;
+        }
+        let start = self.next_target.fetch_add(1, Ordering::Relaxed);
+        let now = crate::token::store::now_millis();
+        (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&i| Some(i) != avoid && self.targets[i].is_up(now))
+            .or_else(|| (0..n).map(|i| (start + i) % n).find(|&i| Some(i) != avoid))
+            .unwrap_or(0)
+    }
+
+    /// The path the upstream receives: `strip_prefix` removed, `add_prefix` added.
+    pub fn rewrite<'a>(&self, path: &'a str) -> Cow<'a, str> {
+        let stripped = match &self.strip_prefix {
+            Some(prefix) => match path.strip_prefix(prefix.as_str()) {
+                Some("") => "/",
+                Some(rest) if rest.starts_with('/') => rest,
+                _ => path,
+            },
+            None => path,
+        };
+        match &self.add_prefix {
+            Some(prefix) => Cow::Owned(format!("{prefix}{stripped}")),
+            None => Cow::Borrowed(stripped),
+        }
+    }
+
+    fn accepts(&self, method: &Method, host: Option<&str>) -> bool {
+        self.methods
+            .as_ref()
+            .is_none_or(|methods| methods.contains(method))
+            && self
+                .host
+                .as_ref()
+                .is_none_or(|h| host.is_some_and(|host| host.eq_ignore_ascii_case(h)))
+    }
+}
+
+/// A node of the route trie: one path segment deep.
+#[derive(Default)]
+struct Node {
+    literal: HashMap<Box<str>, Node>,
+    one: Option<Box<Node>>,
+    /// Routes whose pattern ends here with `**`, in file order.
+    rest: Vec<usize>,
+    /// Routes whose pattern ends exactly here, in file order.
+    end: Vec<usize>,
+}
+
+impl Node {
+    fn insert(&mut self, segments: &[Segment], index: usize) {
+        match segments.split_first() {
+            None => self.end.push(index),
+            Some((Segment::Rest, _)) => self.rest.push(index),
+            Some((Segment::One, tail)) => self
+                .one
+                .get_or_insert_with(Default::default)
+                .insert(tail, index),
+            Some((Segment::Literal(l), tail)) => self
+                .literal
+                .entry(l.clone())
+                .or_default()
+                .insert(tail, index),
+        }
+    }
+}
+
+/// The routes of a configuration, compiled into a trie of path segments.
+///
+/// A lookup walks the path once, following the literal child and the `*` child of each
+/// node, and keeps the lowest route index that also accepts the method and host: the
+/// first match in file order, without scanning every route or allocating.
 #[derive(Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
+    root: Node,
+}
+
+fn best_of(
+    candidates: &[usize],
+    routes: &[Route],
+    method: &Method,
+    host: Option<&str>,
+    best: &mut Option<usize>,
+) {
+    for &i in candidates {
+        if best.is_some_and(|b| i >= b) {
+            // In file order: nothing further in this list can beat the best.
+            return;
+        }
+        if routes[i].accepts(method, host) {
+            *best = Some(i);
+            return;
+        }
+    }
 }
 
 impl RouteTable {
@@ -243,10 +393,12 @@ impl RouteTable {
         tls: &rustls::ClientConfig,
     ) -> RouteTable {
         let mut clients: HashMap<Duration, UpstreamClient> = HashMap::new();
+        let mut root = Node::default();
         let routes = routes
             .iter()
             .enumerate()
             .map(|(index, r)| {
+                root.insert(&r.path.segments, index);
                 let connect_timeout = r.connect_timeout.unwrap_or(defaults.connect_timeout);
                 let client = clients
                     .entry(connect_timeout)
@@ -255,7 +407,16 @@ impl RouteTable {
                 Route {
                     index,
                     pattern: r.path.clone(),
-                    upstream: r.upstream.clone(),
+                    targets: r
+                        .upstream
+                        .0
+                        .iter()
+                        .map(|url| Target {
+                            url: url.clone(),
+                            down_until: AtomicU64::new(0),
+                        })
+                        .collect(),
+                    next_target: AtomicUsize::new(0),
                     public: r.public,
                     methods: r
                         .methods
@@ -265,35 +426,83 @@ impl RouteTable {
                     roles: r.roles.clone(),
                     scopes: r.scopes.clone(),
                     forward_authorization: r.forward_authorization,
+                    strip_prefix: r.strip_prefix.clone(),
+                    add_prefix: r.add_prefix.clone(),
                     connect_timeout,
                     response_timeout: r.response_timeout.unwrap_or(defaults.response_timeout),
+                    cooldown: defaults.cooldown,
                     max_request_body: r.max_request_body,
                     client,
                 }
             })
             .collect();
-        RouteTable { routes }
+        RouteTable { routes, root }
     }
 
     /// The first route matching a normalised path, method and host (without port).
     pub fn find(&self, method: &Method, host: Option<&str>, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|route| {
-            route
-                .methods
-                .as_ref()
-                .is_none_or(|methods| methods.contains(method))
-                && route
-                    .host
-                    .as_ref()
-                    .is_none_or(|h| host.is_some_and(|host| host.eq_ignore_ascii_case(h)))
-                && route.pattern.matches(path)
-        })
+        let mut best = None;
+        self.walk(&self.root, Some(&path[1..]), method, host, &mut best);
+        best.map(|i| &self.routes[i])
+    }
+
+    fn walk(
+        &self,
+        node: &Node,
+        rest: Option<&str>,
+        method: &Method,
+        host: Option<&str>,
+        best: &mut Option<usize>,
+    ) {
+        best_of(&node.rest, &self.routes, method, host, best);
+        let Some(rest) = rest else {
+            best_of(&node.end, &self.routes, method, host, best);
+            return;
+        };
+        let (segment, tail) = match rest.split_once('/') {
+            Some((segment, tail)) => (segment, Some(tail)),
+            None => (rest, None),
+        };
+        if let Some(child) = node.literal.get(segment) {
+            self.walk(child, tail, method, host, best);
+        }
+        if let (Some(child), false) = (&node.one, segment.is_empty()) {
+            self.walk(child, tail, method, host, best);
+        }
     }
 
     /// All routes, in order.
     pub fn iter(&self) -> impl Iterator<Item = &Route> {
         self.routes.iter()
     }
+}
+
+/// Routes that can never match because an earlier route takes every request they
+/// would: `(shadowed, by)` indices.
+pub fn shadowed(routes: &[RouteConfig]) -> Vec<(usize, usize)> {
+    let covers_methods =
+        |earlier: &RouteConfig, later: &RouteConfig| match (&earlier.methods, &later.methods) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(e), Some(l)) => l.iter().all(|m| e.contains(m)),
+        };
+    let covers_host =
+        |earlier: &RouteConfig, later: &RouteConfig| match (&earlier.host, &later.host) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(e), Some(l)) => e.eq_ignore_ascii_case(l),
+        };
+    let mut found = Vec::new();
+    for (j, later) in routes.iter().enumerate() {
+        if let Some(i) = routes[..j].iter().position(|earlier| {
+            earlier.path.covers(&later.path)
+                && covers_methods(earlier, later)
+                && covers_host(earlier, later)
+        }) {
+            found.push((j, i));
+        }
+    }
+    found
 }
 
 #[cfg(test)]
@@ -406,6 +615,171 @@ mod tests {
         );
         assert_eq!(find(&Method::GET, Some("other"), "/api/v1/x"), Some(2));
         assert_eq!(find(&Method::GET, None, "/api/v2"), None);
-        assert_eq!(table.iter().nth(2).unwrap().upstream.prefix, "/base");
+        assert_eq!(table.iter().nth(2).unwrap().targets[0].url.prefix, "/base");
+    }
+
+    fn table(toml: &str) -> (crate::config::Config, RouteTable) {
+        let config = crate::config::Config::parse(toml, std::path::Path::new("t.toml")).unwrap();
+        let tls = crate::proxy::upstream_tls(None, false).unwrap();
+        let table = RouteTable::new(&config.routes, &config.upstream, &tls);
+        (config, table)
+    }
+
+    /// The trie must answer exactly what a first-match linear scan answers.
+    #[test]
+    fn trie_agrees_with_a_linear_scan() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let words = ["a", "b", "api", "v1", ""];
+        let methods = [Method::GET, Method::POST, Method::DELETE];
+        let mut toml = String::new();
+        for _ in 0..300 {
+            let depth = 1 + next(4);
+            let mut path = String::new();
+            for d in 0..depth {
+                let last = d == depth - 1;
+                let segment = match next(8) {
+                    0 => "*",
+                    1 if last && d >= 2 => "**",
+                    n => words[(n as usize) % 4],
+                };
+                path.push('/');
+                path.push_str(segment);
+            }
+            if next(10) == 0 && !path.ends_with("**") {
+                path.push('/');
+            }
+            let methods = match next(3) {
+                0 => format!("methods = [\"{}\"]\n", methods[next(3) as usize]),
+                _ => String::new(),
+            };
+            let host = if next(6) == 0 {
+                "host = \"h.example\"\n"
+            } else {
+                ""
+            };
+            toml.push_str(&format!(
+                "[[routes]]\npath = \"{path}\"\nupstream = \"http://127.0.0.1:1\"\n{methods}{host}"
+            ));
+        }
+        let (_, table) = table(&toml);
+        let mut matched = 0;
+        for _ in 0..5000 {
+            let depth = next(5);
+            let mut path = String::new();
+            for _ in 0..depth {
+                path.push('/');
+                path.push_str(words[next(5) as usize]);
+            }
+            if path.is_empty() || next(5) == 0 {
+                path.push('/');
+            }
+            let method = &methods[next(3) as usize];
+            let host = [None, Some("h.example"), Some("other")][next(3) as usize];
+            let linear = table
+                .routes
+                .iter()
+                .find(|r| r.accepts(method, host) && r.pattern.matches(&path))
+                .map(|r| r.index);
+            assert_eq!(
+                table.find(method, host, &path).map(|r| r.index),
+                linear,
+                "{method} {host:?} {path}"
+            );
+            matched += usize::from(linear.is_some());
+        }
+        // The comparison means something only if both hits and misses are common.
+        assert!((500..4500).contains(&matched), "{matched} of 5000 matched");
+    }
+
+    #[test]
+    fn covers_and_shadowing() {
+        let covers = |a: &str, b: &str| p(a).covers(&p(b));
+        assert!(covers("/api/**", "/api/v1/*"));
+        assert!(covers("/api/**", "/api"));
+        assert!(covers("/api/*", "/api/x"));
+        assert!(!covers("/api/*", "/api/**"));
+        assert!(!covers("/api/*", "/api/"));
+        assert!(!covers("/api/x", "/api/*"));
+        assert!(!covers("/api/v1/*", "/api/**"));
+        let (config, _) = table(
+            r#"
+            [[routes]]
+            path = "/api/**"
+            methods = ["GET"]
+            upstream = "http://127.0.0.1:1"
+            [[routes]]
+            path = "/api/v1/x"
+            upstream = "http://127.0.0.1:1"
+            [[routes]]
+            path = "/api/v1/y"
+            methods = ["GET"]
+            upstream = "http://127.0.0.1:1"
+            [[routes]]
+            path = "/api/v1/z"
+            methods = ["GET"]
+            host = "a.example"
+            upstream = "http://127.0.0.1:1"
+        "#,
+        );
+        assert_eq!(shadowed(&config.routes), vec![(2, 0), (3, 0)]);
+    }
+
+    #[test]
+    fn prefixes_are_rewritten_on_segment_boundaries() {
+        let (_, table) = table(
+            r#"
+            [[routes]]
+            path = "/api/v1/**"
+            strip_prefix = "/api/v1"
+            add_prefix = "/v2"
+            upstream = "http://127.0.0.1:1"
+            [[routes]]
+            path = "/old/**"
+            strip_prefix = "/old"
+            upstream = "http://127.0.0.1:1"
+        "#,
+        );
+        let route = |i: usize| table.iter().nth(i).unwrap();
+        assert_eq!(route(0).rewrite("/api/v1/objects/1"), "/v2/objects/1");
+        assert_eq!(route(0).rewrite("/api/v1"), "/v2/");
+        assert_eq!(route(1).rewrite("/old/x"), "/x");
+        assert_eq!(route(1).rewrite("/old"), "/");
+        assert_eq!(route(1).rewrite("/older/x"), "/older/x");
+        for bad in [
+            "strip_prefix = \"api\"",
+            "add_prefix = \"/v2/\"",
+            "strip_prefix = \"/a/../b\"",
+        ] {
+            let text =
+                format!("[[routes]]\npath = \"/**\"\nupstream = \"http://127.0.0.1:1\"\n{bad}\n");
+            let error =
+                crate::config::Config::parse(&text, std::path::Path::new("t.toml")).unwrap_err();
+            assert!(error.key.unwrap().starts_with("routes[0]."), "{bad}");
+        }
+    }
+
+    #[test]
+    fn round_robin_skips_addresses_cooling_down() {
+        let (_, table) = table(
+            "[[routes]]\npath = \"/**\"\nupstream = [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\", \"http://127.0.0.1:3\"]\n",
+        );
+        let route = table.iter().next().unwrap();
+        let picks: Vec<usize> = (0..6).map(|_| route.pick(None)).collect();
+        assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
+        route.targets[1].mark_down(Duration::from_secs(60));
+        let picks: Vec<usize> = (0..4).map(|_| route.pick(None)).collect();
+        assert!(!picks.contains(&1), "{picks:?}");
+        assert_ne!(route.pick(Some(0)), 0);
+        for target in &route.targets {
+            target.mark_down(Duration::from_secs(60));
+        }
+        // All down: still try one rather than fail without trying.
+        assert!(route.pick(None) < 3);
     }
 }
