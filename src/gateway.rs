@@ -122,6 +122,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// False once shutdown begins (`/readyz` turns 503).
     pub ready: AtomicBool,
+    /// Held by whoever replaces `live` (reload, certificate watch), so one writer's
+    /// read-modify-write never undoes the other's.
+    replacing: std::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -159,6 +162,7 @@ impl Gateway {
                 pending: PendingStore::default(),
                 metrics: Metrics::default(),
                 ready: AtomicBool::new(true),
+                replacing: std::sync::Mutex::new(()),
             }),
         })
     }
@@ -166,6 +170,7 @@ impl Gateway {
     /// Replaces clients, users, routes and certificate with a new configuration's, after
     /// validating it; tokens, connections and counters are kept. On error nothing changes.
     pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
+        let _replacing = self.shared.replacing.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.shared.live();
         if config.server.listen != old.config.server.listen
             || config.admin.listen != old.config.admin.listen
@@ -212,6 +217,7 @@ impl Gateway {
 
 /// Reloads the certificate and key of the current configuration for new connections.
 pub(crate) fn reload_certificate(shared: &Shared) -> Result<(), ConfigError> {
+    let _replacing = shared.replacing.lock().unwrap_or_else(|e| e.into_inner());
     let old = shared.live();
     let config = &old.config;
     let cert = config.resolve(config.server.tls_cert.get_ref());
