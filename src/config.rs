@@ -232,6 +232,22 @@ pub struct TokensConfig {
     /// How long an authorization code may be exchanged (RFC 6749 §4.1.2: short).
     #[serde(deserialize_with = "duration")]
     pub code_lifetime: Duration,
+    /// Most records (access + refresh tokens) the table holds; when full the token
+    /// endpoint answers 503 `temporarily_unavailable` instead of growing.
+    pub max_live_tokens: usize,
+    /// Most live grants (refresh families) per user; a new sign-in beyond it revokes
+    /// that user's oldest grant.
+    pub max_families_per_user: usize,
+    /// After a refresh token is used, how long presenting it again still works (for a
+    /// client that lost the response) instead of revoking its family. "0s" for none.
+    #[serde(deserialize_with = "duration_or_zero")]
+    pub refresh_reuse_grace: Duration,
+    /// File the token table is saved to (digests only) on shutdown and periodically,
+    /// and loaded from at start, so a restart keeps everyone signed in. None: memory only.
+    pub snapshot: Option<PathBuf>,
+    /// How often the snapshot is written while running.
+    #[serde(deserialize_with = "duration")]
+    pub snapshot_interval: Duration,
 }
 
 impl Default for TokensConfig {
@@ -240,6 +256,11 @@ impl Default for TokensConfig {
             store: Spanned::new(0..0, "memory".to_owned()),
             sweep_interval: Duration::from_secs(60),
             code_lifetime: Duration::from_secs(60),
+            max_live_tokens: 1_000_000,
+            max_families_per_user: 100,
+            refresh_reuse_grace: Duration::ZERO,
+            snapshot: None,
+            snapshot_interval: Duration::from_secs(60),
         }
     }
 }
@@ -500,6 +521,15 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     parse_duration(&text).map_err(serde::de::Error::custom)
 }
 
+fn duration_or_zero<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not a duration ({e}); write it with a unit, e.g. \"10s\""
+        ))
+    })
+}
+
 fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration(d).map(Some)
 }
@@ -602,6 +632,13 @@ impl Config {
                     format!("{} does not exist", self.resolve(ca).display()),
                 ));
             }
+        }
+        if self.tokens.max_live_tokens == 0 || self.tokens.max_families_per_user == 0 {
+            return Err(error(
+                None,
+                "tokens.max_live_tokens".into(),
+                "max_live_tokens and max_families_per_user must be at least 1".into(),
+            ));
         }
         if self.server.max_connections == 0 {
             return Err(error(

@@ -102,6 +102,11 @@ impl Directory {
         self.clients.get(id)
     }
 
+    /// All clients.
+    pub fn clients(&self) -> impl Iterator<Item = &Arc<Client>> {
+        self.clients.values()
+    }
+
     /// A user by name.
     pub fn user(&self, username: &str) -> Option<&Arc<User>> {
         self.users.get(username)

@@ -27,6 +27,7 @@ use crate::error::Error;
 use crate::lockout::Lockout;
 use crate::routes::{normalize_path, RouteTable};
 use crate::token::codes::CodeStore;
+use crate::token::lifecycle;
 use crate::token::TokenStore;
 use crate::{auth, proxy, tls, token};
 
@@ -151,10 +152,21 @@ impl Gateway {
                  remove it before exposing this gateway"
             );
         }
+        let tokens = TokenStore::default();
+        apply_token_limits(&tokens, &live.config);
+        if let Some(path) = live
+            .config
+            .tokens
+            .snapshot
+            .as_ref()
+            .map(|p| live.config.resolve(p))
+        {
+            load_snapshot(&tokens, &path);
+        }
         Ok(Gateway {
             shared: Arc::new(Shared {
                 live: ArcSwap::from_pointee(live),
-                tokens: TokenStore::default(),
+                tokens,
                 secrets: SecretCache::default(),
                 verifier: Verifier::default(),
                 lockout: Lockout::default(),
@@ -170,7 +182,11 @@ impl Gateway {
     /// Replaces clients, users, routes and certificate with a new configuration's, after
     /// validating it; tokens, connections and counters are kept. On error nothing changes.
     pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
-        let _replacing = self.shared.replacing.lock().unwrap_or_else(|e| e.into_inner());
+        let _replacing = self
+            .shared
+            .replacing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let old = self.shared.live();
         if config.server.listen != old.config.server.listen
             || config.admin.listen != old.config.admin.listen
@@ -178,6 +194,7 @@ impl Gateway {
             tracing::warn!("listen addresses do not change on reload; restart to move them");
         }
         let live = Live::build(config, false)?;
+        apply_token_limits(&self.shared.tokens, &live.config);
         self.shared.live.store(Arc::new(live));
         // A changed or removed secret must not keep working from the cache.
         self.shared.secrets.clear();
@@ -212,6 +229,64 @@ impl Gateway {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) {
         crate::server::serve(self.shared.clone(), listeners, shutdown).await
+    }
+}
+
+fn apply_token_limits(tokens: &TokenStore, config: &Config) {
+    let limits = &config.tokens;
+    tokens.set_limits(
+        limits.max_live_tokens,
+        limits.max_families_per_user,
+        limits.refresh_reuse_grace,
+    );
+}
+
+/// Loads the token snapshot at start. A missing file is a first start; a file that does
+/// not load is moved aside (kept for inspection) and the gateway starts empty.
+fn load_snapshot(tokens: &TokenStore, path: &std::path::Path) {
+    if !path.exists() {
+        tracing::info!(snapshot = %path.display(), "no token snapshot yet; starting with an empty table");
+        return;
+    }
+    match tokens.load_snapshot(path) {
+        Ok(loaded) => tracing::info!(snapshot = %path.display(), loaded, "token snapshot loaded"),
+        Err(error) => {
+            let stamp = crate::token::store::now_millis() / 1000;
+            let aside = path.with_extension(format!("corrupt-{stamp}"));
+            let moved = std::fs::rename(path, &aside);
+            tracing::error!(
+                snapshot = %path.display(),
+                %error,
+                moved_to = %aside.display(),
+                moved = moved.is_ok(),
+                "the token snapshot is corrupt; it was moved aside and the gateway starts with an empty table"
+            );
+        }
+    }
+}
+
+/// Writes the token snapshot if one is configured (on the blocking pool).
+pub(crate) async fn save_snapshot(shared: &Arc<Shared>) {
+    let live = shared.live();
+    let Some(path) = live
+        .config
+        .tokens
+        .snapshot
+        .as_ref()
+        .map(|p| live.config.resolve(p))
+    else {
+        return;
+    };
+    let writer = shared.clone();
+    let target = path.clone();
+    match tokio::task::spawn_blocking(move || writer.tokens.write_snapshot(&target)).await {
+        Ok(Ok(written)) => {
+            tracing::debug!(snapshot = %path.display(), written, "token snapshot written")
+        }
+        Ok(Err(error)) => {
+            tracing::error!(snapshot = %path.display(), %error, "cannot write the token snapshot")
+        }
+        Err(_) => tracing::error!("the snapshot writer failed"),
     }
 }
 
@@ -305,7 +380,22 @@ async fn dispatch(
             let ip = proxy::client_ip(request.headers(), peer.ip(), trusted);
             return crate::authorize::handle(shared, live, request, ip).await;
         }
-        _ => {}
+        "/api/oauth/revoke" => return lifecycle::revoke(shared, live, request).await,
+        "/api/oauth/introspect" => return lifecycle::introspect(shared, live, request).await,
+        "/.well-known/oauth-authorization-server" => return lifecycle::metadata(live, &request),
+        "/api/v1/auth/token/revoke" => {
+            return lifecycle::covata_revoke(shared, live, request).await
+        }
+        path => {
+            let user = path
+                .strip_prefix("/api/v1/users/")
+                .and_then(|rest| rest.strip_suffix("/expire"))
+                .filter(|user| !user.is_empty() && !user.contains('/'));
+            if let Some(user) = user {
+                let user = user.to_owned();
+                return lifecycle::expire_user(shared, live, request, &user).await;
+            }
+        }
     }
 
     // A cheap clone (the path is reference-counted) so the normalised path may borrow

@@ -191,6 +191,7 @@ pub async fn serve(
     let background = [
         tokio::spawn(sweep(shared.clone())),
         tokio::spawn(watch_certificate(shared.clone())),
+        tokio::spawn(snapshots(shared.clone())),
     ];
 
     let limit = Arc::new(Semaphore::new(shared.live().config.server.max_connections));
@@ -279,6 +280,8 @@ pub async fn serve(
     for task in background {
         task.abort();
     }
+    // After the drain: every token issued by a finished request is in the snapshot.
+    gateway::save_snapshot(&shared).await;
     let _ = stop_tx.send(true);
     for task in side_tasks {
         let _ = task.await;
@@ -377,6 +380,14 @@ async fn sweep(shared: Arc<Shared>) {
         if let Ok(swept) = swept {
             tracing::debug!(swept, "expired tokens swept");
         }
+    }
+}
+
+/// Writes the token snapshot every `snapshot_interval`, so a crash loses little.
+async fn snapshots(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(shared.live().config.tokens.snapshot_interval).await;
+        gateway::save_snapshot(&shared).await;
     }
 }
 

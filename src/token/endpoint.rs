@@ -91,6 +91,12 @@ pub async fn handle(
     let client = client_auth::authenticate(shared, &live.directory, &parts.headers, &form).await?;
     tracing::Span::current().record("client_id", &*client.id);
 
+    // Before any grant runs: a refresh must not use up its token only to find no room.
+    if shared.tokens.is_full() {
+        return Err(Error::TemporarilyUnavailable(
+            "the token table is full; try again later".into(),
+        ));
+    }
     let grant = parse_grant_type(form.require("grant_type")?)?;
     if !client.allows(grant) {
         return Err(Error::UnauthorizedClient(

@@ -3,6 +3,7 @@
 pub mod client_auth;
 pub mod codes;
 pub mod endpoint;
+pub mod lifecycle;
 pub mod scope;
 pub mod store;
 

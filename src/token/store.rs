@@ -12,12 +12,17 @@
 //! No guard of either map is ever held across an `.await`: every method here is
 //! synchronous, and callers get owned data back.
 
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use dashmap::DashMap;
 use http::HeaderValue;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -74,6 +79,30 @@ pub struct Identity {
 }
 
 impl Identity {
+    fn new(
+        username: Option<Arc<str>>,
+        client_id: Arc<str>,
+        roles: &[String],
+        scope: &str,
+        jti: Uuid,
+        (issued_at, expires_at): (u64, u64),
+    ) -> Identity {
+        Identity {
+            user_header: username.as_deref().map(header),
+            client_header: header(&client_id),
+            roles_header: header(&roles.join(",")),
+            scope_header: header(scope),
+            jti_header: header(&jti.to_string()),
+            username,
+            client_id,
+            roles: roles.iter().map(|r| r.as_str().into()).collect(),
+            scope: scope.into(),
+            jti,
+            issued_at,
+            expires_at,
+        }
+    }
+
     /// Whether the token's scope includes `scope`.
     pub fn has_scope(&self, scope: &str) -> bool {
         self.scope.split(' ').any(|s| s == scope)
@@ -105,9 +134,11 @@ enum Record {
     Refresh {
         family: Uuid,
         grant: Arc<Grant>,
+        jti: Uuid,
+        issued_at: u64,
         expires_at: u64,
-        /// Rotated already: a second use is a replay.
-        used: bool,
+        /// When it was rotated: a later use is a replay (after the grace period).
+        used_at: Option<u64>,
     },
 }
 
@@ -118,12 +149,19 @@ impl Record {
             Record::Refresh { expires_at, .. } => *expires_at,
         }
     }
+
+    fn family(&self) -> Uuid {
+        match self {
+            Record::Access { family, .. } | Record::Refresh { family, .. } => *family,
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Family {
     members: Vec<TokenDigest>,
     expires_at: u64,
+    username: Option<Arc<str>>,
 }
 
 /// What to issue.
@@ -176,10 +214,43 @@ pub enum RefreshError {
     Rejected(crate::error::Error),
 }
 
+/// What introspection (RFC 7662) reports about a live token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Introspection {
+    /// `true` for an access token, `false` for a refresh token.
+    pub access: bool,
+    /// The user, if any.
+    pub username: Option<Arc<str>>,
+    /// The client it was issued to.
+    pub client_id: Arc<str>,
+    /// Its scope.
+    pub scope: String,
+    /// Its record id.
+    pub jti: Uuid,
+    /// Issued at, ms since the epoch.
+    pub issued_at: u64,
+    /// Expires at, ms since the epoch.
+    pub expires_at: u64,
+    /// The user's roles as issued (access tokens).
+    pub roles: Vec<String>,
+}
+
+/// Limits that a reload may change.
+#[derive(Debug)]
+struct Limits {
+    max_live: AtomicUsize,
+    max_families_per_user: AtomicUsize,
+    refresh_grace_ms: AtomicU64,
+}
+
 /// The in-memory token table.
 pub struct TokenStore {
     tokens: DashMap<TokenDigest, Record>,
     families: DashMap<Uuid, Family>,
+    /// Each user's families, oldest first, for "expire all of a user's tokens" and the
+    /// per-user cap.
+    user_families: DashMap<Arc<str>, VecDeque<Uuid>>,
+    limits: Limits,
 }
 
 impl Default for TokenStore {
@@ -189,6 +260,12 @@ impl Default for TokenStore {
         TokenStore {
             tokens: DashMap::with_shard_amount(64),
             families: DashMap::with_shard_amount(64),
+            user_families: DashMap::with_shard_amount(64),
+            limits: Limits {
+                max_live: AtomicUsize::new(usize::MAX),
+                max_families_per_user: AtomicUsize::new(usize::MAX),
+                refresh_grace_ms: AtomicU64::new(0),
+            },
         }
     }
 }
@@ -200,6 +277,22 @@ fn header(text: &str) -> HeaderValue {
 }
 
 impl TokenStore {
+    /// Applies `[tokens]` limits (at start and on reload).
+    pub fn set_limits(
+        &self,
+        max_live: usize,
+        max_families_per_user: usize,
+        refresh_grace: std::time::Duration,
+    ) {
+        self.limits.max_live.store(max_live, Ordering::Relaxed);
+        self.limits
+            .max_families_per_user
+            .store(max_families_per_user, Ordering::Relaxed);
+        self.limits
+            .refresh_grace_ms
+            .store(refresh_grace.as_millis() as u64, Ordering::Relaxed);
+    }
+
     /// Number of records (access and refresh tokens, expired ones not yet swept).
     pub fn len(&self) -> usize {
         self.tokens.len()
@@ -210,8 +303,18 @@ impl TokenStore {
         self.tokens.is_empty()
     }
 
+    /// Whether the table holds `max_live_tokens` records: issuing must wait.
+    pub fn is_full(&self) -> bool {
+        self.tokens.len() >= self.limits.max_live.load(Ordering::Relaxed)
+    }
+
     /// Issues an access token and, if asked, a refresh token.
     pub fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, crate::error::Error> {
+        if self.is_full() {
+            return Err(crate::error::Error::TemporarilyUnavailable(
+                "the token table is full; try again later".into(),
+            ));
+        }
         let rng = |_| crate::error::Error::Internal("the system random generator failed".into());
         let now = now_millis();
         let jti = Uuid::new_v4();
@@ -222,21 +325,15 @@ impl TokenStore {
             .transpose()
             .map_err(rng)?;
         let expires_at = now + request.access_ttl * 1000;
-        let roles_header = header(&request.roles.join(","));
-        let identity = Identity {
-            user_header: request.username.as_deref().map(header),
-            client_header: header(&request.client_id),
-            roles_header,
-            scope_header: header(&request.scope),
-            jti_header: header(&jti.to_string()),
-            username: request.username.clone(),
-            client_id: request.client_id.clone(),
-            roles: request.roles.iter().map(|r| r.as_str().into()).collect(),
-            scope: request.scope.as_str().into(),
+        let identity = Identity::new(
+            request.username.clone(),
+            request.client_id.clone(),
+            request.roles,
+            &request.scope,
             jti,
-            issued_at: now,
-            expires_at,
-        };
+            (now, expires_at),
+        );
+        let new_family = request.family.is_none();
         let family = request.family.unwrap_or_else(Uuid::new_v4);
         let access_digest = digest(&access_token);
         let mut members = vec![access_digest];
@@ -258,22 +355,21 @@ impl TokenStore {
                 Record::Refresh {
                     family,
                     grant: Arc::new(Grant {
-                        username: request.username,
+                        username: request.username.clone(),
                         client_id: request.client_id,
                         scope: request.grant_scope.into(),
                     }),
+                    jti: Uuid::new_v4(),
+                    issued_at: now,
                     expires_at: refresh_expiry,
-                    used: false,
+                    used_at: None,
                 },
             );
         }
-        let mut entry = self.families.entry(family).or_insert_with(|| Family {
-            members: Vec::new(),
-            expires_at: 0,
-        });
-        entry.members.extend(members);
-        entry.expires_at = entry.expires_at.max(family_expiry);
-        drop(entry);
+        self.add_to_family(family, members, family_expiry, request.username.clone());
+        if let (true, Some(user)) = (new_family, request.username) {
+            self.register_family(user, family);
+        }
 
         Ok(Issued {
             access_token,
@@ -283,6 +379,36 @@ impl TokenStore {
             jti,
             family,
         })
+    }
+
+    fn add_to_family(
+        &self,
+        family: Uuid,
+        members: Vec<TokenDigest>,
+        expires_at: u64,
+        username: Option<Arc<str>>,
+    ) {
+        let mut entry = self.families.entry(family).or_insert_with(|| Family {
+            members: Vec::new(),
+            expires_at: 0,
+            username,
+        });
+        entry.members.extend(members);
+        entry.expires_at = entry.expires_at.max(expires_at);
+    }
+
+    /// Records a user's new family and revokes the oldest beyond the per-user cap.
+    fn register_family(&self, user: Arc<str>, family: Uuid) {
+        let cap = self.limits.max_families_per_user.load(Ordering::Relaxed);
+        let evicted: Vec<Uuid> = {
+            let mut list = self.user_families.entry(user).or_default();
+            list.push_back(family);
+            let excess = list.len().saturating_sub(cap);
+            list.drain(..excess).collect()
+        };
+        for old in evicted {
+            self.revoke_family(old);
+        }
     }
 
     /// The identity behind a live access token.
@@ -298,7 +424,8 @@ impl TokenStore {
 
     /// Redeems a refresh token for `client_id`: runs `check` on its grant and, if that
     /// passes, marks the token used and returns the grant and family to issue into. A
-    /// token already used revokes its family.
+    /// token already used revokes its family, unless it is presented again within the
+    /// grace period (a client that lost the response to its refresh).
     pub fn redeem_refresh(
         &self,
         token: &str,
@@ -306,6 +433,7 @@ impl TokenStore {
         check: impl FnOnce(&Grant) -> Result<(), crate::error::Error>,
     ) -> Result<(Arc<Grant>, Uuid), RefreshError> {
         let now = now_millis();
+        let grace = self.limits.refresh_grace_ms.load(Ordering::Relaxed);
         let replayed_family = {
             let Some(mut record) = self.tokens.get_mut(&digest(token)) else {
                 return Err(RefreshError::Invalid);
@@ -314,7 +442,8 @@ impl TokenStore {
                 family,
                 grant,
                 expires_at,
-                used,
+                used_at,
+                ..
             } = &mut *record
             else {
                 return Err(RefreshError::Invalid);
@@ -325,12 +454,14 @@ impl TokenStore {
             if &*grant.client_id != client_id {
                 return Err(RefreshError::WrongClient);
             }
-            if *used {
-                *family
-            } else {
-                check(grant).map_err(RefreshError::Rejected)?;
-                *used = true;
-                return Ok((grant.clone(), *family));
+            let within_grace = |at: u64| grace > 0 && now.saturating_sub(at) <= grace;
+            match *used_at {
+                Some(at) if !within_grace(at) => *family,
+                _ => {
+                    check(grant).map_err(RefreshError::Rejected)?;
+                    used_at.get_or_insert(now);
+                    return Ok((grant.clone(), *family));
+                }
             }
         };
         self.revoke_family(replayed_family);
@@ -339,12 +470,96 @@ impl TokenStore {
 
     /// Revokes every token of a family.
     pub fn revoke_family(&self, family: Uuid) {
-        // Remove the family first and release its guard before touching the token map:
-        // no code path holds guards of both maps at once, so no lock-order deadlock.
-        if let Some((_, family)) = self.families.remove(&family) {
-            for member in family.members {
-                self.tokens.remove(&member);
+        // Remove the family first and release its guard before touching the other maps:
+        // no code path holds guards of two maps at once, so no lock-order deadlock.
+        let Some((_, family_record)) = self.families.remove(&family) else {
+            return;
+        };
+        for member in family_record.members {
+            self.tokens.remove(&member);
+        }
+        if let Some(user) = family_record.username {
+            if let Some(mut list) = self.user_families.get_mut(&user) {
+                list.retain(|f| *f != family);
             }
+        }
+    }
+
+    /// Revokes one token as RFC 7009 asks: a refresh token takes its whole family with
+    /// it; an access token goes alone. Only a token of `client_id` is touched; returns
+    /// whether one was revoked.
+    pub fn revoke(&self, token: &str, client_id: &str) -> bool {
+        let key = digest(token);
+        let (is_refresh, family) = match self.tokens.get(&key).as_deref() {
+            Some(Record::Refresh { grant, family, .. }) if &*grant.client_id == client_id => {
+                (true, *family)
+            }
+            Some(Record::Access { identity, family }) if &*identity.client_id == client_id => {
+                (false, *family)
+            }
+            _ => return false,
+        };
+        if is_refresh {
+            self.revoke_family(family);
+        } else {
+            self.tokens.remove(&key);
+        }
+        true
+    }
+
+    /// Revokes an access token and everything issued with it (its family): Covata's
+    /// `/api/v1/auth/token/revoke`.
+    pub fn revoke_with_family(&self, token: &str) -> bool {
+        let family = self.tokens.get(&digest(token)).map(|r| r.family());
+        family.inspect(|f| self.revoke_family(*f)).is_some()
+    }
+
+    /// Revokes every token of a user; returns how many grants (families) went.
+    pub fn revoke_user(&self, username: &str) -> usize {
+        let families = self
+            .user_families
+            .remove(username)
+            .map(|(_, list)| list)
+            .unwrap_or_default();
+        let count = families.len();
+        for family in families {
+            self.revoke_family(family);
+        }
+        count
+    }
+
+    /// What RFC 7662 introspection may say about a live token.
+    pub fn introspect(&self, token: &str) -> Option<Introspection> {
+        let now = now_millis();
+        match self.tokens.get(&digest(token)).as_deref()? {
+            Record::Access { identity, .. } if identity.expires_at > now => Some(Introspection {
+                access: true,
+                username: identity.username.clone(),
+                client_id: identity.client_id.clone(),
+                scope: identity.scope.to_string(),
+                jti: identity.jti,
+                issued_at: identity.issued_at,
+                expires_at: identity.expires_at,
+                roles: identity.roles.iter().map(|r| r.to_string()).collect(),
+            }),
+            Record::Refresh {
+                grant,
+                jti,
+                issued_at,
+                expires_at,
+                used_at: None,
+                ..
+            } if *expires_at > now => Some(Introspection {
+                access: false,
+                username: grant.username.clone(),
+                client_id: grant.client_id.clone(),
+                scope: grant.scope.to_string(),
+                jti: *jti,
+                issued_at: *issued_at,
+                expires_at: *expires_at,
+                roles: Vec::new(),
+            }),
+            _ => None,
         }
     }
 
@@ -354,15 +569,186 @@ impl TokenStore {
         let before = self.tokens.len();
         self.tokens.retain(|_, record| record.expires_at() > now);
         self.families.retain(|_, family| family.expires_at > now);
+        // user_families before families, never the other way round (see revoke_family).
+        self.user_families.retain(|_, list| {
+            list.retain(|f| self.families.contains_key(f));
+            !list.is_empty()
+        });
         before.saturating_sub(self.tokens.len())
     }
+}
 
-    /// The family of a live access token (used by revocation).
-    pub fn family_of_access(&self, token: &str) -> Option<Uuid> {
-        match self.tokens.get(&digest(token)).as_deref() {
-            Some(Record::Access { family, .. }) => Some(*family),
-            _ => None,
+/// One record of a snapshot file: everything but the token itself.
+#[derive(Serialize, Deserialize)]
+struct SnapshotRecord {
+    /// SHA-256 of the token, hex.
+    digest: String,
+    refresh: bool,
+    family: Uuid,
+    jti: Uuid,
+    username: Option<String>,
+    client_id: String,
+    #[serde(default)]
+    roles: Vec<String>,
+    scope: String,
+    issued_at: u64,
+    expires_at: u64,
+    #[serde(default)]
+    used_at: Option<u64>,
+}
+
+const SNAPSHOT_HEADER: &str = "covata-gateway token snapshot v1";
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<TokenDigest> {
+    let mut out = [0u8; 32];
+    if text.len() != 64 {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl TokenStore {
+    /// Writes the live records to `path` atomically: a temporary file beside it, synced,
+    /// then renamed over it, then the folder synced. Only digests are written, never a
+    /// token. Returns how many records were written.
+    pub fn write_snapshot(&self, path: &Path) -> std::io::Result<usize> {
+        let now = now_millis();
+        let tmp = path.with_extension("tmp");
+        let file = std::fs::File::create(&tmp)?;
+        let mut out = std::io::BufWriter::new(file);
+        writeln!(out, "{SNAPSHOT_HEADER}")?;
+        let mut written = 0;
+        for entry in self.tokens.iter() {
+            if entry.expires_at() <= now {
+                continue;
+            }
+            let record = match entry.value() {
+                Record::Access { family, identity } => SnapshotRecord {
+                    digest: hex(entry.key()),
+                    refresh: false,
+                    family: *family,
+                    jti: identity.jti,
+                    username: identity.username.as_deref().map(str::to_owned),
+                    client_id: identity.client_id.to_string(),
+                    roles: identity.roles.iter().map(|r| r.to_string()).collect(),
+                    scope: identity.scope.to_string(),
+                    issued_at: identity.issued_at,
+                    expires_at: identity.expires_at,
+                    used_at: None,
+                },
+                Record::Refresh {
+                    family,
+                    grant,
+                    jti,
+                    issued_at,
+                    expires_at,
+                    used_at,
+                } => SnapshotRecord {
+                    digest: hex(entry.key()),
+                    refresh: true,
+                    family: *family,
+                    jti: *jti,
+                    username: grant.username.as_deref().map(str::to_owned),
+                    client_id: grant.client_id.to_string(),
+                    roles: Vec::new(),
+                    scope: grant.scope.to_string(),
+                    issued_at: *issued_at,
+                    expires_at: *expires_at,
+                    used_at: *used_at,
+                },
+            };
+            serde_json::to_writer(&mut out, &record)?;
+            out.write_all(b"\n")?;
+            written += 1;
         }
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // The rename is durable only once the folder's entry is on disk.
+            if let Ok(dir) = std::fs::File::open(dir) {
+                let _ = dir.sync_all();
+            }
+        }
+        Ok(written)
+    }
+
+    /// Loads a snapshot written by [`TokenStore::write_snapshot`], dropping expired
+    /// records. Returns how many were loaded; a file that does not parse is an error and
+    /// nothing of it is loaded.
+    pub fn load_snapshot(&self, path: &Path) -> Result<usize, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let mut lines = text.lines();
+        if lines.next() != Some(SNAPSHOT_HEADER) {
+            return Err("not a covata-gateway token snapshot (bad header)".into());
+        }
+        let mut records = Vec::new();
+        for (n, line) in lines.enumerate() {
+            let record: SnapshotRecord =
+                serde_json::from_str(line).map_err(|e| format!("record {}: {e}", n + 1))?;
+            let digest =
+                unhex(&record.digest).ok_or_else(|| format!("record {}: bad digest", n + 1))?;
+            records.push((digest, record));
+        }
+        let now = now_millis();
+        let mut loaded = 0;
+        let mut user_families: Vec<(u64, Arc<str>, Uuid)> = Vec::new();
+        for (digest, r) in records.into_iter().filter(|(_, r)| r.expires_at > now) {
+            let username: Option<Arc<str>> = r.username.as_deref().map(Into::into);
+            let client_id: Arc<str> = r.client_id.as_str().into();
+            let record = if r.refresh {
+                Record::Refresh {
+                    family: r.family,
+                    grant: Arc::new(Grant {
+                        username: username.clone(),
+                        client_id,
+                        scope: r.scope.into(),
+                    }),
+                    jti: r.jti,
+                    issued_at: r.issued_at,
+                    expires_at: r.expires_at,
+                    used_at: r.used_at,
+                }
+            } else {
+                let identity = Identity::new(
+                    username.clone(),
+                    client_id,
+                    &r.roles,
+                    &r.scope,
+                    r.jti,
+                    (r.issued_at, r.expires_at),
+                );
+                Record::Access {
+                    family: r.family,
+                    identity: Arc::new(identity),
+                }
+            };
+            if !self.families.contains_key(&r.family) {
+                if let Some(user) = &username {
+                    user_families.push((r.issued_at, user.clone(), r.family));
+                }
+            }
+            self.add_to_family(r.family, vec![digest], r.expires_at, username);
+            self.tokens.insert(digest, record);
+            loaded += 1;
+        }
+        // Oldest grants first, as they were issued.
+        user_families.sort_by_key(|(issued, _, _)| *issued);
+        for (_, user, family) in user_families {
+            self.user_families
+                .entry(user)
+                .or_default()
+                .push_back(family);
+        }
+        Ok(loaded)
     }
 }
 
@@ -474,5 +860,184 @@ mod tests {
         });
         assert!(matches!(rejected, Err(RefreshError::Rejected(_))));
         assert!(store.redeem_refresh(&refresh, "app", |_| Ok(())).is_ok());
+    }
+
+    #[test]
+    fn grace_period_lets_a_lost_response_be_retried() {
+        let store = TokenStore::default();
+        store.set_limits(
+            usize::MAX,
+            usize::MAX,
+            std::time::Duration::from_millis(300),
+        );
+        let refresh = issue(&store, None, 60).refresh_token.unwrap();
+        assert!(store.redeem_refresh(&refresh, "app", |_| Ok(())).is_ok());
+        assert!(
+            store.redeem_refresh(&refresh, "app", |_| Ok(())).is_ok(),
+            "within grace"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(350));
+        assert_eq!(
+            store
+                .redeem_refresh(&refresh, "app", |_| Ok(()))
+                .unwrap_err(),
+            RefreshError::Replayed
+        );
+    }
+
+    #[test]
+    fn rfc7009_revocation_by_kind_and_client() {
+        let store = TokenStore::default();
+        let a = issue(&store, None, 60);
+        assert!(
+            !store.revoke(&a.access_token, "other"),
+            "another client's token is untouched"
+        );
+        assert!(store.authenticate(&a.access_token).is_some());
+        assert!(store.revoke(&a.access_token, "app"));
+        assert!(store.authenticate(&a.access_token).is_none());
+        assert!(
+            store
+                .introspect(a.refresh_token.as_ref().unwrap())
+                .is_some(),
+            "access alone went"
+        );
+        let b = issue(&store, None, 60);
+        assert!(store.revoke(b.refresh_token.as_ref().unwrap(), "app"));
+        assert!(
+            store.authenticate(&b.access_token).is_none(),
+            "a refresh token takes its family"
+        );
+        assert!(!store.revoke("unknown", "app"));
+    }
+
+    #[test]
+    fn user_expiry_and_per_user_cap() {
+        let store = TokenStore::default();
+        store.set_limits(usize::MAX, 2, std::time::Duration::ZERO);
+        let first = issue(&store, None, 60);
+        let second = issue(&store, None, 60);
+        let third = issue(&store, None, 60);
+        assert!(
+            store.authenticate(&first.access_token).is_none(),
+            "oldest grant evicted"
+        );
+        assert!(store.authenticate(&second.access_token).is_some());
+        // A refresh stays in its family and does not count as a new grant.
+        let (_, family) = store
+            .redeem_refresh(third.refresh_token.as_ref().unwrap(), "app", |_| Ok(()))
+            .unwrap();
+        let rotated = issue(&store, Some(family), 60);
+        assert!(store.authenticate(&second.access_token).is_some());
+        assert_eq!(store.revoke_user("alex"), 2);
+        for token in [
+            &second.access_token,
+            &third.access_token,
+            &rotated.access_token,
+        ] {
+            assert!(store.authenticate(token).is_none());
+        }
+        assert_eq!(store.revoke_user("alex"), 0);
+    }
+
+    #[test]
+    fn a_full_table_refuses_to_issue() {
+        let store = TokenStore::default();
+        store.set_limits(3, usize::MAX, std::time::Duration::ZERO);
+        issue(&store, None, 60);
+        assert!(!store.is_full());
+        issue(&store, None, 60);
+        assert!(store.is_full());
+        let refused = store.issue(IssueRequest {
+            family: None,
+            username: None,
+            client_id: "app".into(),
+            roles: &[],
+            scope: String::new(),
+            grant_scope: String::new(),
+            access_ttl: 60,
+            refresh_ttl: None,
+        });
+        assert_eq!(refused.unwrap_err().code(), "temporarily_unavailable");
+    }
+
+    #[test]
+    fn introspection_reports_live_tokens_only() {
+        let store = TokenStore::default();
+        let live = issue(&store, None, 60);
+        let seen = store.introspect(&live.access_token).unwrap();
+        assert!(seen.access);
+        assert_eq!(seen.jti, live.jti);
+        assert_eq!(seen.roles, vec!["ROLE_A", "ROLE_B"]);
+        let refresh = store
+            .introspect(live.refresh_token.as_ref().unwrap())
+            .unwrap();
+        assert!(!refresh.access);
+        assert_eq!(refresh.scope, "read write");
+        let expired = issue(&store, None, 0);
+        assert!(store.introspect(&expired.access_token).is_none());
+        assert!(store.introspect("unknown").is_none());
+    }
+
+    #[test]
+    fn snapshot_round_trip_keeps_tokens_and_holds_no_token_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.snapshot");
+        let store = TokenStore::default();
+        let a = issue(&store, None, 60);
+        let b = issue(&store, None, 60);
+        let expired = issue(&store, None, 0);
+        let (_, family) = store
+            .redeem_refresh(b.refresh_token.as_ref().unwrap(), "app", |_| Ok(()))
+            .unwrap();
+        let _ = family;
+        assert_eq!(
+            store.write_snapshot(&path).unwrap(),
+            5,
+            "the expired access token is left out"
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        for token in [
+            &a.access_token,
+            a.refresh_token.as_ref().unwrap(),
+            &b.access_token,
+        ] {
+            assert!(!text.contains(token.as_str()), "no token text on disk");
+        }
+
+        let restored = TokenStore::default();
+        assert_eq!(restored.load_snapshot(&path).unwrap(), 5);
+        let identity = restored.authenticate(&a.access_token).unwrap();
+        assert_eq!(identity.roles_header, "ROLE_A,ROLE_B");
+        assert!(restored.authenticate(&expired.access_token).is_none());
+        assert!(restored
+            .redeem_refresh(a.refresh_token.as_ref().unwrap(), "app", |_| Ok(()))
+            .is_ok());
+        // b's refresh token was used before the snapshot: presenting it again is a replay.
+        assert_eq!(
+            restored
+                .redeem_refresh(b.refresh_token.as_ref().unwrap(), "app", |_| Ok(()))
+                .unwrap_err(),
+            RefreshError::Replayed
+        );
+        assert!(restored.authenticate(&b.access_token).is_none());
+        // a's grant and the grant whose access token expired (its refresh token lives).
+        assert_eq!(restored.revoke_user("alex"), 2, "the user index is rebuilt");
+    }
+
+    #[test]
+    fn corrupt_snapshots_are_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.snapshot");
+        for bad in [
+            "garbage",
+            "covata-gateway token snapshot v1\n{not json",
+            "covata-gateway token snapshot v1\n{\"digest\":\"zz\"}",
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let store = TokenStore::default();
+            assert!(store.load_snapshot(&path).is_err(), "{bad}");
+            assert!(store.is_empty());
+        }
     }
 }
