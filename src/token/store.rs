@@ -56,10 +56,8 @@ pub struct Identity {
     pub username: Option<Arc<str>>,
     /// The client the token was issued to.
     pub client_id: Arc<str>,
-    /// The user's roles.
-    pub roles: Vec<Box<str>>,
-    /// Granted scope, space-separated.
-    pub scope: Box<str>,
+    /// The user's roles (shared by every token of the same role set).
+    pub roles: Arc<[Box<str>]>,
     /// This token record's public id.
     pub jti: Uuid,
     /// When the token was issued, ms since the epoch.
@@ -72,7 +70,7 @@ pub struct Identity {
     pub client_header: HeaderValue,
     /// `X-Authenticated-Roles`: comma-separated.
     pub roles_header: HeaderValue,
-    /// `X-Authenticated-Scope`.
+    /// `X-Authenticated-Scope`; also where the granted scope is kept.
     pub scope_header: HeaderValue,
     /// `X-Token-Id`.
     pub jti_header: HeaderValue,
@@ -80,32 +78,43 @@ pub struct Identity {
 
 impl Identity {
     fn new(
-        username: Option<Arc<str>>,
-        client_id: Arc<str>,
+        interned: &Interner,
+        username: Option<&str>,
+        client_id: &str,
         roles: &[String],
         scope: &str,
         jti: Uuid,
         (issued_at, expires_at): (u64, u64),
     ) -> Identity {
+        let (username, user_header) = match username.map(|u| interned.text(u)) {
+            Some((name, header)) => (Some(name), Some(header)),
+            None => (None, None),
+        };
+        let (client_id, client_header) = interned.text(client_id);
+        let (roles, roles_header) = interned.roles(roles);
         Identity {
-            user_header: username.as_deref().map(header),
-            client_header: header(&client_id),
-            roles_header: header(&roles.join(",")),
-            scope_header: header(scope),
-            jti_header: header(&jti.to_string()),
             username,
             client_id,
-            roles: roles.iter().map(|r| r.as_str().into()).collect(),
-            scope: scope.into(),
+            roles,
             jti,
             issued_at,
             expires_at,
+            user_header,
+            client_header,
+            roles_header,
+            scope_header: header(scope),
+            jti_header: header(&jti.to_string()),
         }
+    }
+
+    /// The granted scope, space-separated.
+    pub fn scope(&self) -> &str {
+        self.scope_header.to_str().unwrap_or_default()
     }
 
     /// Whether the token's scope includes `scope`.
     pub fn has_scope(&self, scope: &str) -> bool {
-        self.scope.split(' ').any(|s| s == scope)
+        self.scope().split(' ').any(|s| s == scope)
     }
 
     /// Whether the user has `role`.
@@ -235,6 +244,36 @@ pub struct Introspection {
     pub roles: Vec<String>,
 }
 
+/// Shared copies of the values that repeat across tokens (user and client names, role
+/// sets) with their header forms, so a million tokens of a few thousand users do not
+/// hold a million copies. Bounded by the configured users and clients; the scope is not
+/// interned, since a client allowed any scope could make it grow without end.
+#[derive(Default)]
+struct Interner {
+    texts: DashMap<Box<str>, (Arc<str>, HeaderValue)>,
+    roles: DashMap<Box<str>, (Arc<[Box<str>]>, HeaderValue)>,
+}
+
+impl Interner {
+    fn text(&self, text: &str) -> (Arc<str>, HeaderValue) {
+        if let Some(found) = self.texts.get(text) {
+            return found.clone();
+        }
+        let value = (Arc::from(text), header(text));
+        self.texts.entry(text.into()).or_insert(value).clone()
+    }
+
+    fn roles(&self, roles: &[String]) -> (Arc<[Box<str>]>, HeaderValue) {
+        let joined = roles.join(",");
+        if let Some(found) = self.roles.get(joined.as_str()) {
+            return found.clone();
+        }
+        let list: Arc<[Box<str>]> = roles.iter().map(|r| r.as_str().into()).collect();
+        let value = (list, header(&joined));
+        self.roles.entry(joined.into()).or_insert(value).clone()
+    }
+}
+
 /// Limits that a reload may change.
 #[derive(Debug)]
 struct Limits {
@@ -250,6 +289,7 @@ pub struct TokenStore {
     /// Each user's families, oldest first, for "expire all of a user's tokens" and the
     /// per-user cap.
     user_families: DashMap<Arc<str>, VecDeque<Uuid>>,
+    interned: Interner,
     limits: Limits,
 }
 
@@ -261,6 +301,7 @@ impl Default for TokenStore {
             tokens: DashMap::with_shard_amount(64),
             families: DashMap::with_shard_amount(64),
             user_families: DashMap::with_shard_amount(64),
+            interned: Interner::default(),
             limits: Limits {
                 max_live: AtomicUsize::new(usize::MAX),
                 max_families_per_user: AtomicUsize::new(usize::MAX),
@@ -326,8 +367,9 @@ impl TokenStore {
             .map_err(rng)?;
         let expires_at = now + request.access_ttl * 1000;
         let identity = Identity::new(
-            request.username.clone(),
-            request.client_id.clone(),
+            &self.interned,
+            request.username.as_deref(),
+            &request.client_id,
             request.roles,
             &request.scope,
             jti,
@@ -536,7 +578,7 @@ impl TokenStore {
                 access: true,
                 username: identity.username.clone(),
                 client_id: identity.client_id.clone(),
-                scope: identity.scope.to_string(),
+                scope: identity.scope().to_owned(),
                 jti: identity.jti,
                 issued_at: identity.issued_at,
                 expires_at: identity.expires_at,
@@ -638,7 +680,7 @@ impl TokenStore {
                     username: identity.username.as_deref().map(str::to_owned),
                     client_id: identity.client_id.to_string(),
                     roles: identity.roles.iter().map(|r| r.to_string()).collect(),
-                    scope: identity.scope.to_string(),
+                    scope: identity.scope().to_owned(),
                     issued_at: identity.issued_at,
                     expires_at: identity.expires_at,
                     used_at: None,
@@ -702,8 +744,8 @@ impl TokenStore {
         let mut loaded = 0;
         let mut user_families: Vec<(u64, Arc<str>, Uuid)> = Vec::new();
         for (digest, r) in records.into_iter().filter(|(_, r)| r.expires_at > now) {
-            let username: Option<Arc<str>> = r.username.as_deref().map(Into::into);
-            let client_id: Arc<str> = r.client_id.as_str().into();
+            let username = r.username.as_deref().map(|u| self.interned.text(u).0);
+            let client_id = self.interned.text(&r.client_id).0;
             let record = if r.refresh {
                 Record::Refresh {
                     family: r.family,
@@ -719,8 +761,9 @@ impl TokenStore {
                 }
             } else {
                 let identity = Identity::new(
-                    username.clone(),
-                    client_id,
+                    &self.interned,
+                    r.username.as_deref(),
+                    &client_id,
                     &r.roles,
                     &r.scope,
                     r.jti,
