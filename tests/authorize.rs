@@ -314,7 +314,13 @@ async fn exchange_errors() {
     let b = Browser::start().await;
     let code = b.code_for("webapp", &[]).await;
     let other = format!("{}/second", b.callback);
-    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Option<(&'a str, &'a str)>, u16, &'a str);
+    type Case<'a> = (
+        &'a str,
+        Vec<(&'a str, &'a str)>,
+        Option<(&'a str, &'a str)>,
+        u16,
+        &'a str,
+    );
     let cases: Vec<Case> = vec![
         (
             "wrong redirect_uri",

@@ -57,7 +57,7 @@ pub struct Identity {
     /// The client the token was issued to.
     pub client_id: Arc<str>,
     /// The user's roles (shared by every token of the same role set).
-    pub roles: Arc<[Box<str>]>,
+    pub roles: RoleSet,
     /// This token record's public id.
     pub jti: Uuid,
     /// When the token was issued, ms since the epoch.
@@ -251,8 +251,11 @@ pub struct Introspection {
 #[derive(Default)]
 struct Interner {
     texts: DashMap<Box<str>, (Arc<str>, HeaderValue)>,
-    roles: DashMap<Box<str>, (Arc<[Box<str>]>, HeaderValue)>,
+    roles: DashMap<Box<str>, (RoleSet, HeaderValue)>,
 }
+
+/// A user's roles, shared by every token of the same role set.
+type RoleSet = Arc<[Box<str>]>;
 
 impl Interner {
     fn text(&self, text: &str) -> (Arc<str>, HeaderValue) {
@@ -263,12 +266,12 @@ impl Interner {
         self.texts.entry(text.into()).or_insert(value).clone()
     }
 
-    fn roles(&self, roles: &[String]) -> (Arc<[Box<str>]>, HeaderValue) {
+    fn roles(&self, roles: &[String]) -> (RoleSet, HeaderValue) {
         let joined = roles.join(",");
         if let Some(found) = self.roles.get(joined.as_str()) {
             return found.clone();
         }
-        let list: Arc<[Box<str>]> = roles.iter().map(|r| r.as_str().into()).collect();
+        let list: RoleSet = roles.iter().map(|r| r.as_str().into()).collect();
         let value = (list, header(&joined));
         self.roles.entry(joined.into()).or_insert(value).clone()
     }
