@@ -370,6 +370,16 @@ async fn dispatch(
     request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<Body>, Error> {
+    // RFC 9112 §6.3: both framings at once is the classic smuggling probe. hyper lets
+    // Transfer-Encoding win; refuse it outright instead, so it never reaches anyone.
+    let headers = request.headers();
+    if headers.contains_key(http::header::TRANSFER_ENCODING)
+        && headers.contains_key(http::header::CONTENT_LENGTH)
+    {
+        return Err(Error::InvalidRequest(
+            "a request may not carry both Content-Length and Transfer-Encoding".into(),
+        ));
+    }
     let trusted = &live.config.server.trusted_proxies;
     match request.uri().path() {
         "/api/oauth/token" => {
