@@ -91,16 +91,18 @@ pub async fn handle(
     let client = client_auth::authenticate(shared, &live.directory, &parts.headers, &form).await?;
     tracing::Span::current().record("client_id", &*client.id);
 
-    // Before any grant runs: a refresh must not use up its token only to find no room.
-    if shared.tokens.is_full() {
-        return Err(Error::TemporarilyUnavailable(
-            "the token table is full; try again later".into(),
-        ));
-    }
     let grant = parse_grant_type(form.require("grant_type")?)?;
     if !client.allows(grant) {
         return Err(Error::UnauthorizedClient(
             format!("this client may not use the {} grant", grant.as_str()).into(),
+        ));
+    }
+    // Before any grant runs: a refresh must not use up its token only to find no room.
+    let records =
+        1 + usize::from(grant != GrantType::ClientCredentials && refresh_ttl(&client).is_some());
+    if !shared.tokens.has_room(records) {
+        return Err(Error::TemporarilyUnavailable(
+            "the token table is full; try again later".into(),
         ));
     }
     let issued = match grant {

@@ -347,14 +347,19 @@ impl TokenStore {
         self.tokens.is_empty()
     }
 
-    /// Whether the table holds `max_live_tokens` records: issuing must wait.
+    /// Whether `records` more records fit under `max_live_tokens`.
+    pub fn has_room(&self, records: usize) -> bool {
+        self.tokens.len() + records <= self.limits.max_live.load(Ordering::Relaxed)
+    }
+
+    /// Whether not even one more record fits: issuing must wait.
     pub fn is_full(&self) -> bool {
-        self.tokens.len() >= self.limits.max_live.load(Ordering::Relaxed)
+        !self.has_room(1)
     }
 
     /// Issues an access token and, if asked, a refresh token.
     pub fn issue(&self, request: IssueRequest<'_>) -> Result<Issued, crate::error::Error> {
-        if self.is_full() {
+        if !self.has_room(1 + usize::from(request.refresh_ttl.is_some())) {
             return Err(crate::error::Error::TemporarilyUnavailable(
                 "the token table is full; try again later".into(),
             ));
