@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Turns bench/run.sh's oha results into a markdown table; exits 1 if any request failed.
+
+Each (scenario, target) cell is the median over the rounds. Latency percentiles come
+from oha (seconds) and are shown in milliseconds.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+SCENARIOS = [
+    ("h1", "HTTP/1.1 keep-alive, 64 B"),
+    ("h2", "HTTP/2, 64 B"),
+    ("newconn", "new TLS connection per request"),
+    ("64k", "HTTP/1.1 keep-alive, 64 KiB"),
+    ("fixed", "fixed rate (latency), HTTP/1.1"),
+    ("refresh", "token endpoint: refresh_token grant"),
+    ("password", "token endpoint: password grant"),
+]
+TARGETS = ["direct", "nginx", "gateway"]
+
+
+def cell(rows):
+    def med(values):
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    def pct(r, name):
+        p = r["oha"].get("latencyPercentiles", {}) or {}
+        v = p.get(name)
+        return v * 1000 if isinstance(v, (int, float)) else None
+
+    summaries = [r["oha"].get("summary", {}) for r in rows]
+    ok, total = 0, 0
+    for r in rows:
+        codes = r["oha"].get("statusCodeDistribution", {}) or {}
+        errors = r["oha"].get("errorDistribution", {}) or {}
+        # Requests still in flight when oha's duration ends are cut off by oha itself,
+        # not failed by the server.
+        errors = {k: n for k, n in errors.items() if k != "aborted due to deadline"}
+        ok += sum(n for code, n in codes.items() if str(code).startswith("2"))
+        total += sum(codes.values()) + sum(errors.values())
+    return {
+        "rps": med([s.get("requestsPerSec") for s in summaries]),
+        "p50": med([pct(r, "p50") for r in rows]),
+        "p99": med([pct(r, "p99") for r in rows]),
+        "ok": ok,
+        "total": total,
+    }
+
+
+def fmt(v, digits=0):
+    return "–" if v is None else f"{v:,.{digits}f}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results")
+    ap.add_argument("--rss-kb", type=int, default=0)
+    ap.add_argument("--argon", default="{}")
+    ap.add_argument("--rate", default="")
+    ap.add_argument("--machine", default="")
+    args = ap.parse_args()
+    rows = [json.loads(line) for line in open(args.results) if line.strip()]
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["scenario"], r["target"]), []).append(r)
+    failed = False
+
+    print(f"covata-gateway benchmark, {time.strftime('%Y-%m-%d')}, {args.machine}")
+    print()
+    print("| scenario | target | req/s | p50 ms | p99 ms | success | gateway/nginx | gateway/direct |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for key, title in SCENARIOS:
+        present = {t: cell(cells[(key, t)]) for t in TARGETS if (key, t) in cells}
+        for target, c in present.items():
+            if c["total"] == 0 or c["ok"] < c["total"]:
+                failed = True
+            vs_nginx = vs_direct = ""
+            if target == "gateway":
+                for ref, name in (("nginx", "vs_nginx"), ("direct", "vs_direct")):
+                    r = present.get(ref)
+                    if r and r["rps"] and c["rps"]:
+                        if key == "fixed":
+                            ratio = f"p99 {c['p99'] / r['p99']:.2f}×" if r["p99"] and c["p99"] else ""
+                        else:
+                            ratio = f"{c['rps'] / r['rps']:.2f}×"
+                        if name == "vs_nginx":
+                            vs_nginx = ratio
+                        else:
+                            vs_direct = ratio
+            success = f"{100 * c['ok'] / c['total']:.2f}%" if c["total"] else "no requests"
+            print(f"| {title} | {target} | {fmt(c['rps'])} | {fmt(c['p50'], 2)} | {fmt(c['p99'], 2)} | {success} | {vs_nginx} | {vs_direct} |")
+    print()
+    try:
+        argon = json.loads(args.argon)
+        password = cell(cells.get(("password", "gateway"), [])) if ("password", "gateway") in cells else None
+        if password and password["rps"] and argon.get("verifies_per_second"):
+            share = password["rps"] / argon["verifies_per_second"]
+            print(f"Password grant: {password['rps']:.1f} tokens/s against {argon['verifies_per_second']:.1f} raw argon2id verifies/s "
+                  f"on the same {argon['threads']} core(s): {100 * share:.0f}% of what argon2 alone allows.")
+    except (ValueError, KeyError):
+        pass
+    if args.rate:
+        print(f"Fixed-rate runs: {args.rate} req/s (half the slower system's HTTP/1.1 capacity), with latency correction.")
+    print(f"Gateway RSS after the run: {args.rss_kb / 1024:.1f} MiB.")
+    if failed:
+        print("\nSOME REQUESTS FAILED (see the success column).", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# One command: how much does covata-gateway cost, and is it as fast as nginx?
+#
+# Builds the release binary; starts two fixed-body upstreams (small and 64 KiB) on
+# loopback; starts the gateway in front of them with a benchmark config, and (when
+# installed) nginx as a plain TLS reverse proxy to the same upstreams (no auth); gets a
+# token; then runs oha (JSON output) against the upstream direct, nginx and the gateway,
+# interleaved round by round, with the servers pinned to core 0 and oha to core 1.
+# Prints a markdown table and exits non-zero if any request failed.
+#
+# Usage: bench/run.sh [--quick]      (env: DURATION=5s ROUNDS=3 CONCURRENCY=50)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-5s}
+ROUNDS=${ROUNDS:-3}
+CONCURRENCY=${CONCURRENCY:-50}
+if [ "${1:-}" = "--quick" ]; then DURATION=2s; ROUNDS=1; fi
+
+need() { command -v "$1" >/dev/null 2>&1 || { echo "bench: $1 is needed ($2)" >&2; exit 2; }; }
+need oha "cargo install oha"
+need curl "apt-get install curl"
+need python3 "apt-get install python3"
+need taskset "apt-get install util-linux"
+HAVE_NGINX=1
+command -v nginx >/dev/null 2>&1 || { HAVE_NGINX=0; echo "bench: nginx not installed; comparing with the upstream only (apt-get install nginx-light)" >&2; }
+
+CORES=$(nproc)
+SERVER_CPU=0
+CLIENT_CPU=$(( CORES > 1 ? 1 : 0 ))
+
+echo "== building the release binary" >&2
+cargo build --release --quiet --bin covata-gateway --example argon2_rate
+BIN=$PWD/target/release/covata-gateway
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "bench: nothing listens on $1" >&2; exit 1; }
+
+UP=$(free_port); UP64=$(free_port); GW=$(free_port); NGX=$(free_port)
+
+# One worker thread each, pinned to the server core: the same budget nginx's single
+# worker gets.
+export TOKIO_WORKER_THREADS=1
+taskset -c $SERVER_CPU "$BIN" demo-upstream --listen 127.0.0.1:$UP --body-size 64 >"$WORK/up.log" 2>&1 & PIDS+=($!)
+taskset -c $SERVER_CPU "$BIN" demo-upstream --listen 127.0.0.1:$UP64 --body-size 65536 >"$WORK/up64.log" 2>&1 & PIDS+=($!)
+
+CLIENT_HASH=$(printf 'bench-secret\n' | "$BIN" hash-password)
+USER_HASH=$(printf 'bench-password\n' | "$BIN" hash-password)
+cat >"$WORK/gateway.toml" <<TOML
+[server]
+listen = "127.0.0.1:$GW"
+tls_cert = "gateway.crt"
+tls_key = "gateway.key"
+[admin]
+listen = "127.0.0.1:0"
+[security]
+max_failed_logins = 4000000000
+[tokens]
+# oha repeats one request body, so the refresh benchmark presents one refresh token
+# again and again: the grace period lets every presentation rotate instead of revoking.
+refresh_reuse_grace = "1h"
+max_families_per_user = 100000000
+[[clients]]
+client_id = "bench"
+client_secret = "$CLIENT_HASH"
+authorized_grant_types = ["password", "refresh_token"]
+[[users]]
+username = "bench@example.com"
+password = "$USER_HASH"
+roles = ["ROLE_COLLABORATOR"]
+[[routes]]
+path = "/big/**"
+upstream = "http://127.0.0.1:$UP64"
+[[routes]]
+path = "/**"
+upstream = "http://127.0.0.1:$UP"
+TOML
+# Starting the gateway once generates the certificate pair nginx will share.
+RUST_LOG=warn taskset -c $SERVER_CPU "$BIN" --config "$WORK/gateway.toml" >"$WORK/gateway.log" 2>&1 & GW_PID=$!; PIDS+=($GW_PID)
+wait_port $UP; wait_port $UP64; wait_port $GW
+
+if [ $HAVE_NGINX = 1 ]; then
+  mkdir -p "$WORK/nginx"
+  cat >"$WORK/nginx.conf" <<NGINX
+worker_processes 1;
+worker_cpu_affinity $(python3 -c "print(format(1 << $SERVER_CPU, 'b'))");
+pid $WORK/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx/body;
+  proxy_temp_path $WORK/nginx/proxy;
+  fastcgi_temp_path $WORK/nginx/fastcgi;
+  uwsgi_temp_path $WORK/nginx/uwsgi;
+  scgi_temp_path $WORK/nginx/scgi;
+  upstream small { server 127.0.0.1:$UP; keepalive 64; }
+  upstream big { server 127.0.0.1:$UP64; keepalive 64; }
+  server {
+    listen 127.0.0.1:$NGX ssl http2;
+    ssl_certificate $WORK/gateway.crt;
+    ssl_certificate_key $WORK/gateway.key;
+    keepalive_requests 1000000;
+    location /big/ { proxy_pass http://big; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    location / { proxy_pass http://small; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+NGINX
+  taskset -c $SERVER_CPU nginx -c "$WORK/nginx.conf" -g 'daemon on;' -e "$WORK/nginx/error.log"
+  wait_port $NGX
+fi
+
+TOKENS=$(curl -sk "https://127.0.0.1:$GW/api/oauth/token" -u bench:bench-secret \
+  -d grant_type=password -d username=bench@example.com -d password=bench-password)
+ACCESS=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])' <<<"$TOKENS")
+REFRESH=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["refresh_token"])' <<<"$TOKENS")
+
+RESULTS=$WORK/results.jsonl
+: >"$RESULTS"
+run() { # scenario target round -- oha args...
+  local scenario=$1 target=$2 round=$3; shift 4
+  local out="$WORK/oha.json"
+  taskset -c $CLIENT_CPU oha --no-tui --output-format json "$@" >"$out" 2>"$WORK/oha.err" || true
+  python3 - "$scenario" "$target" "$round" "$out" >>"$RESULTS" <<'PY'
+import json, sys
+scenario, target, rnd, path = sys.argv[1:5]
+try:
+    data = json.load(open(path))
+except Exception as e:
+    data = {"error": str(e)}
+print(json.dumps({"scenario": scenario, "target": target, "round": int(rnd), "oha": data}))
+PY
+}
+
+GWURL=https://127.0.0.1:$GW
+NGXURL=https://127.0.0.1:$NGX
+UPURL=http://127.0.0.1:$UP
+BIGUP=http://127.0.0.1:$UP64
+AUTH="Authorization: Bearer $ACCESS"
+KEEP=(-z "$DURATION" -c "$CONCURRENCY" --insecure)
+
+echo "== proxying: $ROUNDS rounds x $DURATION per target per scenario" >&2
+for round in $(seq 1 "$ROUNDS"); do
+  run h1 direct $round -- "${KEEP[@]}" "$UPURL/api/v1/x"
+  [ $HAVE_NGINX = 1 ] && run h1 nginx $round -- "${KEEP[@]}" --http-version 1.1 "$NGXURL/api/v1/x"
+  run h1 gateway $round -- "${KEEP[@]}" --http-version 1.1 -H "$AUTH" "$GWURL/api/v1/x"
+
+  [ $HAVE_NGINX = 1 ] && run h2 nginx $round -- "${KEEP[@]}" --http2 "$NGXURL/api/v1/x"
+  run h2 gateway $round -- "${KEEP[@]}" --http2 -H "$AUTH" "$GWURL/api/v1/x"
+
+  [ $HAVE_NGINX = 1 ] && run newconn nginx $round -- -z "$DURATION" -c 8 --insecure --disable-keepalive "$NGXURL/api/v1/x"
+  run newconn gateway $round -- -z "$DURATION" -c 8 --insecure --disable-keepalive -H "$AUTH" "$GWURL/api/v1/x"
+
+  run 64k direct $round -- "${KEEP[@]}" "$BIGUP/big/x"
+  [ $HAVE_NGINX = 1 ] && run 64k nginx $round -- "${KEEP[@]}" --http-version 1.1 "$NGXURL/big/x"
+  run 64k gateway $round -- "${KEEP[@]}" --http-version 1.1 -H "$AUTH" "$GWURL/big/x"
+
+  run refresh gateway $round -- "${KEEP[@]}" --http-version 1.1 -m POST -a bench:bench-secret \
+    -T application/x-www-form-urlencoded -d "grant_type=refresh_token&refresh_token=$REFRESH" "$GWURL/api/oauth/token"
+done
+
+echo "== password grant against the raw argon2 cost" >&2
+ARGON=$(taskset -c $SERVER_CPU target/release/examples/argon2_rate 3)
+run password gateway 1 -- -z "$DURATION" -c 8 --insecure --http-version 1.1 -m POST -a bench:bench-secret \
+  -T application/x-www-form-urlencoded -d "grant_type=password&username=bench%40example.com&password=bench-password" "$GWURL/api/oauth/token"
+
+# Latency at a fixed rate: half of the slower system's HTTP/1.1 capacity, with oha's
+# latency correction (coordinated omission), so p99 compares like with like.
+RATE=$(python3 - "$RESULTS" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def rps(t):
+    v = [r["oha"].get("summary", {}).get("requestsPerSec", 0) for r in rows if r["scenario"] == "h1" and r["target"] == t]
+    return sum(v) / len(v) if v else 0
+caps = [c for c in (rps("nginx"), rps("gateway")) if c > 0]
+print(max(100, int(min(caps) / 2)) if caps else 1000)
+PY
+)
+echo "== fixed rate: $RATE req/s" >&2
+for round in $(seq 1 "$ROUNDS"); do
+  [ $HAVE_NGINX = 1 ] && run fixed nginx $round -- -z "$DURATION" -c "$CONCURRENCY" -q "$RATE" --latency-correction --insecure --http-version 1.1 "$NGXURL/api/v1/x"
+  run fixed gateway $round -- -z "$DURATION" -c "$CONCURRENCY" -q "$RATE" --latency-correction --insecure --http-version 1.1 -H "$AUTH" "$GWURL/api/v1/x"
+done
+
+RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$GW_PID/status" 2>/dev/null || echo 0)
+python3 bench/report.py "$RESULTS" --rss-kb "$RSS_KB" --argon "$ARGON" --rate "$RATE" \
+  --machine "$(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//')"
