@@ -10,6 +10,9 @@ use clap::{Parser, Subcommand};
 use covata_gateway::{Config, Gateway};
 use tokio::net::TcpListener;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "covata-gateway", version, about)]
 struct Cli {
