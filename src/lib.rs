@@ -17,6 +17,7 @@ pub mod demo;
 pub mod directory;
 pub mod error;
 pub mod form;
+pub mod framing;
 pub mod gateway;
 pub mod lockout;
 pub mod proxy;

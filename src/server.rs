@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -143,13 +144,13 @@ fn connection_builder(server: &crate::config::ServerConfig) -> auto::Builder<Tok
         // hyper's smallest allowed read buffer is 8 KiB; the head must fit in it.
         .max_buf_size(server.max_header_size.max(8192))
         .keep_alive(true);
+    // No HTTP/2 keep-alive pings: their traffic would keep an idle connection alive for
+    // ever. The byte-level idle timeout (IdleIo) closes idle and dead connections alike.
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(server.h2_max_concurrent_streams)
-        .max_header_list_size(u32::try_from(server.max_header_size).unwrap_or(u32::MAX))
-        .keep_alive_interval(server.idle_timeout / 2)
-        .keep_alive_timeout(server.header_read_timeout);
+        .max_header_list_size(u32::try_from(server.max_header_size).unwrap_or(u32::MAX));
     builder
 }
 
@@ -223,6 +224,7 @@ pub async fn serve(
         let acceptor = TlsAcceptor::from(live.tls.clone());
         let server = &live.config.server;
         let (handshake_timeout, idle_timeout) = (server.tls_handshake_timeout, server.idle_timeout);
+        let header_read_timeout = server.header_read_timeout;
         let builder = connection_builder(server);
         drop(live);
         let watcher = graceful.watcher();
@@ -245,15 +247,42 @@ pub async fn serve(
                 }
             };
             let service_shared = shared.clone();
+            // hyper's header timeout starts inside its HTTP/1 parser; the protocol sniff
+            // before it and HTTP/2's preface and first HEADERS have none. A connection
+            // must therefore deliver its first request head within header_read_timeout.
+            let first_request = Arc::new(AtomicBool::new(false));
+            let seen = first_request.clone();
             let service = service_fn(move |request| {
+                seen.store(true, Ordering::Relaxed);
                 let shared = service_shared.clone();
                 async move { Ok::<_, Infallible>(gateway::handle(shared, request, peer).await) }
             });
+            // HTTP/1.1 request framing is checked on the bytes (see framing.rs); HTTP/2
+            // frames carry their own lengths and forbid Transfer-Encoding.
+            let http1 = tls.get_ref().1.alpn_protocol() != Some(b"h2".as_slice());
+            let io = crate::framing::Guarded::new(tls, http1);
             let connection = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
                 .into_owned();
-            if let Err(error) = watcher.watch(connection).await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
+            let connection = watcher.watch(connection);
+            let deadline = tokio::time::sleep(header_read_timeout);
+            tokio::pin!(connection, deadline);
+            tokio::select! {
+                result = &mut connection => {
+                    if let Err(error) = result {
+                        tracing::debug!(%peer, %error, "connection ended with an error");
+                    }
+                }
+                () = &mut deadline, if !first_request.load(Ordering::Relaxed) => {
+                    if first_request.load(Ordering::Relaxed) {
+                        // The first request arrived as the timer fired: serve on.
+                        if let Err(error) = connection.await {
+                            tracing::debug!(%peer, %error, "connection ended with an error");
+                        }
+                    } else {
+                        tracing::debug!(%peer, "no request head within header_read_timeout; closing");
+                    }
+                }
             }
             shared.metrics.connection_closed();
         });

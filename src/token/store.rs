@@ -991,13 +991,42 @@ mod tests {
         assert_eq!(store.revoke_user("alex"), 0);
     }
 
+    fn issue_access_only(store: &TokenStore) {
+        store
+            .issue(IssueRequest {
+                family: None,
+                username: None,
+                client_id: "app".into(),
+                roles: &[],
+                scope: String::new(),
+                grant_scope: String::new(),
+                access_ttl: 60,
+                refresh_ttl: None,
+            })
+            .unwrap();
+    }
+
     #[test]
     fn a_full_table_refuses_to_issue() {
         let store = TokenStore::default();
-        store.set_limits(3, usize::MAX, std::time::Duration::ZERO);
+        store.set_limits(5, usize::MAX, std::time::Duration::ZERO);
         issue(&store, None, 60);
-        assert!(!store.is_full());
         issue(&store, None, 60);
+        assert!(!store.is_full() && store.has_room(1) && !store.has_room(2));
+        // A grant with a refresh token needs two records: it does not fit in one.
+        let squeezed = store.issue(IssueRequest {
+            family: None,
+            username: Some("alex".into()),
+            client_id: "app".into(),
+            roles: &[],
+            scope: String::new(),
+            grant_scope: String::new(),
+            access_ttl: 60,
+            refresh_ttl: Some(60),
+        });
+        assert_eq!(squeezed.unwrap_err().code(), "temporarily_unavailable");
+        assert_eq!(store.len(), 4);
+        issue_access_only(&store);
         assert!(store.is_full());
         let refused = store.issue(IssueRequest {
             family: None,
