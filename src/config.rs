@@ -95,11 +95,13 @@ pub struct ServerConfig {
     /// Deadline for a client to complete the TLS handshake.
     #[serde(deserialize_with = "duration")]
     pub tls_handshake_timeout: Duration,
-    /// Deadline for a client to send a request's headers (slowloris guard). On HTTP/1.1
-    /// it also bounds how long a keep-alive connection may wait for its next request.
+    /// Deadline for a client to send a request's headers (slowloris guard). A new
+    /// connection must deliver its first request head (HTTP/2 preface included) within
+    /// it; on HTTP/1.1 it also bounds the wait for the next request on a keep-alive
+    /// connection.
     #[serde(deserialize_with = "duration")]
     pub header_read_timeout: Duration,
-    /// A connection with no request in flight for this long is closed.
+    /// A connection on which no byte moves either way for this long is closed.
     #[serde(deserialize_with = "duration")]
     pub idle_timeout: Duration,
     /// Connections served at once; further ones wait in the listen backlog.
