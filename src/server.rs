@@ -29,6 +29,19 @@ use crate::gateway::{self, Shared};
 /// busy loop; the loop itself never ends on an accept error.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
+/// Accepts one connection; an error (EMFILE, a reset before accept) is logged and
+/// answered with a short pause and `None`, never the end of the loop.
+async fn accept(listener: &TcpListener) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match listener.accept().await {
+        Ok(accepted) => Some(accepted),
+        Err(error) => {
+            tracing::warn!(%error, "accept failed");
+            tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            None
+        }
+    }
+}
+
 /// The sockets a gateway serves.
 pub struct Listeners {
     /// HTTPS.
@@ -209,13 +222,9 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
+            accepted = accept(&listener) => match accepted {
+                Some(accepted) => accepted,
+                None => continue,
             },
             () = &mut shutdown => break,
         };
@@ -325,13 +334,9 @@ where
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
+            accepted = accept(&listener) => match accepted {
+                Some(accepted) => accepted,
+                None => continue,
             },
             () = &mut shutdown => return,
         };

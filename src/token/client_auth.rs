@@ -106,6 +106,30 @@ fn form_decode(s: &str) -> Option<String> {
     pairs.into_iter().next().map(|(_, v)| v)
 }
 
+/// Reads a POSTed form and authenticates its client: the start of every
+/// client-authenticated endpoint (token, revoke, introspect).
+pub async fn read_form_and_client(
+    shared: &Shared,
+    live: &crate::gateway::Live,
+    request: http::Request<hyper::body::Incoming>,
+) -> Result<(Arc<Client>, Form), Error> {
+    if request.method() != http::Method::POST {
+        return Err(Error::MethodNotAllowed("POST"));
+    }
+    let (parts, body) = request.into_parts();
+    let server = &live.config.server;
+    let form = crate::form::read(
+        &parts.headers,
+        body,
+        server.max_form_body,
+        server.header_read_timeout,
+    )
+    .await?;
+    let client = authenticate(shared, &live.directory, &parts.headers, &form).await?;
+    tracing::Span::current().record("client_id", &*client.id);
+    Ok((client, form))
+}
+
 /// Authenticates the client of a token-endpoint request.
 pub async fn authenticate(
     shared: &Shared,

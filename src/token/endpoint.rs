@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, PRAGMA};
-use http::{HeaderValue, Method, Request, Response};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use serde::Serialize;
 
@@ -13,7 +13,7 @@ use crate::body::{self, Body};
 use crate::config::GrantType;
 use crate::directory::{Client, User};
 use crate::error::Error;
-use crate::form::{self, Form};
+use crate::form::Form;
 use crate::gateway::{Live, Shared};
 use crate::token::client_auth;
 use crate::token::codes::{is_pkce_string, pkce_matches, CodeError};
@@ -76,21 +76,7 @@ pub async fn handle(
     request: Request<Incoming>,
     client_ip: IpAddr,
 ) -> Result<Response<Body>, Error> {
-    if request.method() != Method::POST {
-        return Err(Error::MethodNotAllowed("POST"));
-    }
-    let (parts, body) = request.into_parts();
-    let server = &live.config.server;
-    let form = form::read(
-        &parts.headers,
-        body,
-        server.max_form_body,
-        server.header_read_timeout,
-    )
-    .await?;
-    let client = client_auth::authenticate(shared, &live.directory, &parts.headers, &form).await?;
-    tracing::Span::current().record("client_id", &*client.id);
-
+    let (client, form) = client_auth::read_form_and_client(shared, live, request).await?;
     let grant = parse_grant_type(form.require("grant_type")?)?;
     if !client.allows(grant) {
         return Err(Error::UnauthorizedClient(

@@ -29,28 +29,6 @@ fn json_response(value: &Value) -> Response<Body> {
     response
 }
 
-async fn client_form(
-    shared: &Shared,
-    live: &Live,
-    request: Request<Incoming>,
-) -> Result<(std::sync::Arc<crate::directory::Client>, form::Form), Error> {
-    if request.method() != Method::POST {
-        return Err(Error::MethodNotAllowed("POST"));
-    }
-    let (parts, body) = request.into_parts();
-    let server = &live.config.server;
-    let form = form::read(
-        &parts.headers,
-        body,
-        server.max_form_body,
-        server.header_read_timeout,
-    )
-    .await?;
-    let client = client_auth::authenticate(shared, &live.directory, &parts.headers, &form).await?;
-    tracing::Span::current().record("client_id", &*client.id);
-    Ok((client, form))
-}
-
 /// `POST /api/oauth/revoke` (RFC 7009): 200 whether or not the token was known, so
 /// the answer says nothing about which tokens exist.
 pub async fn revoke(
@@ -58,7 +36,7 @@ pub async fn revoke(
     live: &Live,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Error> {
-    let (client, form) = client_form(shared, live, request).await?;
+    let (client, form) = client_auth::read_form_and_client(shared, live, request).await?;
     let token = form.require("token")?;
     // RFC 7009 §2.1: the hint is only a hint; the lookup covers both kinds anyway.
     let revoked = shared.tokens.revoke(token, &client.id);
@@ -178,7 +156,7 @@ pub async fn introspect(
     live: &Live,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Error> {
-    let (client, form) = client_form(shared, live, request).await?;
+    let (client, form) = client_auth::read_form_and_client(shared, live, request).await?;
     if client.is_public() {
         return Err(Error::InvalidClient(
             "a public client may not introspect tokens".into(),
