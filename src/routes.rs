@@ -283,19 +283,25 @@ pub struct Route {
 }
 
 impl Route {
-    /// The next address in round-robin order, skipping those cooling down, and not
-    /// `avoid` (the one that just failed); when every address is down, the next anyway.
+    /// The next address in round-robin order over those not cooling down (and not
+    /// `avoid`, the one that just failed), so the healthy ones share the load evenly;
+    /// when none is healthy, the next in turn anyway rather than failing untried.
     pub fn pick(&self, avoid: Option<usize>) -> usize {
         let n = self.targets.len();
         if n == 1 {
             return 0;
         }
-        let start = self.next_target.fetch_add(1, Ordering::Relaxed);
+        let turn = self.next_target.fetch_add(1, Ordering::Relaxed);
         let now = crate::token::store::now_millis();
+        let usable = |i: &usize| Some(*i) != avoid && self.targets[*i].is_up(now);
+        let healthy = (0..n).filter(usable).count();
+        if healthy > 0 {
+            return (0..n).filter(usable).nth(turn % healthy).unwrap_or(0);
+        }
+        let others = (0..n).filter(|&i| Some(i) != avoid).count().max(1);
         (0..n)
-            .map(|i| (start + i) % n)
-            .find(|&i| Some(i) != avoid && self.targets[i].is_up(now))
-            .or_else(|| (0..n).map(|i| (start + i) % n).find(|&i| Some(i) != avoid))
+            .filter(|&i| Some(i) != avoid)
+            .nth(turn % others)
             .unwrap_or(0)
     }
 
@@ -773,8 +779,10 @@ mod tests {
         let picks: Vec<usize> = (0..6).map(|_| route.pick(None)).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
         route.targets[1].mark_down(Duration::from_secs(60));
-        let picks: Vec<usize> = (0..4).map(|_| route.pick(None)).collect();
+        let picks: Vec<usize> = (0..6).map(|_| route.pick(None)).collect();
         assert!(!picks.contains(&1), "{picks:?}");
+        // The healthy two share the load evenly, not 2:1 to the down one's neighbour.
+        assert_eq!(picks.iter().filter(|&&p| p == 0).count(), 3, "{picks:?}");
         assert_ne!(route.pick(Some(0)), 0);
         for target in &route.targets {
             target.mark_down(Duration::from_secs(60));
