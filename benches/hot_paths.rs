@@ -6,6 +6,7 @@ use std::hint::black_box;
 use std::path::Path;
 
 use covata_gateway::config::Config;
+use covata_gateway::proxy::{rewrite_request_headers, Origin, Peer};
 use covata_gateway::routes::{normalize_path, RouteTable};
 use covata_gateway::token::store::IssueRequest;
 use covata_gateway::token::TokenStore;
@@ -103,5 +104,68 @@ fn token_lookup(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, route_matching, request_path, token_lookup);
+/// The upstream header rewrite for a typical API call: the client's headers in, the
+/// identity and `X-Forwarded-*` set, hop-by-hop and spoofed headers gone.
+fn header_rewrite(c: &mut Criterion) {
+    let tls = covata_gateway::proxy::upstream_tls(None, false).unwrap();
+    let config = Config::parse(&routes_config(2), Path::new("bench.toml")).unwrap();
+    let table = RouteTable::new(&config.routes, &config.upstream, &tls);
+    let route = table
+        .find(&Method::GET, None, "/api/v1/objects/42")
+        .expect("the catch-all matches");
+    let store = TokenStore::default();
+    let roles = vec!["ROLE_COLLABORATOR".to_owned()];
+    let token = store
+        .issue(IssueRequest {
+            family: None,
+            username: Some("alex@example.com".into()),
+            client_id: "app".into(),
+            roles: &roles,
+            scope: "read write".into(),
+            grant_scope: "read write".into(),
+            access_ttl: 3600,
+            refresh_ttl: None,
+        })
+        .unwrap()
+        .access_token;
+    let identity = store.authenticate(&token).unwrap();
+    let mut headers = HeaderMap::new();
+    for (name, value) in [
+        ("host", "api.example.com"),
+        ("user-agent", "oha/1.16.0"),
+        ("accept", "*/*"),
+        ("accept-encoding", "gzip, br"),
+        (
+            "authorization",
+            "Bearer bPiv8g3FK01YVGu8Bg4jFTSJZ4l4xN8uY3lHH3D0hcs",
+        ),
+        ("x-authenticated-user", "spoofed@example.com"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    let peer = Peer::new("203.0.113.7:50000".parse().unwrap());
+    let origin = Origin {
+        peer: &peer,
+        trusted_proxies: &[],
+    };
+    c.bench_function("header_rewrite", |b| {
+        b.iter_batched(
+            || headers.clone(),
+            |mut headers| {
+                let host = headers.get("host").cloned();
+                rewrite_request_headers(&mut headers, host, Some(&identity), route, &origin);
+                headers
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group!(
+    benches,
+    route_matching,
+    request_path,
+    token_lookup,
+    header_rewrite
+);
 criterion_main!(benches);

@@ -7,7 +7,6 @@
 //! middle of a request.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -324,7 +323,7 @@ fn host_name(value: &HeaderValue) -> Option<&str> {
 pub async fn handle(
     shared: Arc<Shared>,
     request: Request<Incoming>,
-    peer: SocketAddr,
+    peer: proxy::Peer,
 ) -> Response<Body> {
     let started = Instant::now();
     let live = shared.live();
@@ -332,12 +331,12 @@ pub async fn handle(
         "request",
         method = %request.method(),
         path = request.uri().path(),
-        peer = %peer.ip(),
+        peer = %peer.addr.ip(),
         route = field::Empty,
         client_id = field::Empty,
         user = field::Empty,
     );
-    let result = dispatch(&shared, &live, request, peer)
+    let result = dispatch(&shared, &live, request, &peer)
         .instrument(span.clone())
         .await;
     let mut response = match result {
@@ -368,7 +367,7 @@ async fn dispatch(
     shared: &Shared,
     live: &Live,
     request: Request<Incoming>,
-    peer: SocketAddr,
+    peer: &proxy::Peer,
 ) -> Result<Response<Body>, Error> {
     // RFC 9112 §6.3: both framings at once is the classic smuggling probe. hyper lets
     // Transfer-Encoding win; refuse it outright instead, so it never reaches anyone.
@@ -383,11 +382,11 @@ async fn dispatch(
     let trusted = &live.config.server.trusted_proxies;
     match request.uri().path() {
         "/api/oauth/token" => {
-            let ip = proxy::client_ip(request.headers(), peer.ip(), trusted);
+            let ip = proxy::client_ip(request.headers(), peer.addr.ip(), trusted);
             return token::endpoint::handle(shared, live, request, ip).await;
         }
         "/api/oauth/authorize" => {
-            let ip = proxy::client_ip(request.headers(), peer.ip(), trusted);
+            let ip = proxy::client_ip(request.headers(), peer.addr.ip(), trusted);
             return crate::authorize::handle(shared, live, request, ip).await;
         }
         "/api/oauth/revoke" => return lifecycle::revoke(shared, live, request).await,

@@ -190,48 +190,79 @@ impl hyper::body::Body for RequestBody {
     }
 }
 
-/// Identity headers the gateway sets; a client's own copies are removed first.
-const IDENTITY_HEADERS: [&str; 5] = [
-    "x-authenticated-user",
-    "x-authenticated-client",
-    "x-authenticated-roles",
-    "x-authenticated-scope",
-    "x-token-id",
-];
-
-/// `X-Forwarded-*` headers the gateway sets, and `Forwarded`, which would contradict them.
-const FORWARDED_HEADERS: [&str; 4] = [
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "forwarded",
-];
+/// Identity headers the gateway sets. Named once here: a `&str` name would be parsed
+/// again on every insert.
+static X_AUTHENTICATED_USER: HeaderName = HeaderName::from_static("x-authenticated-user");
+static X_AUTHENTICATED_CLIENT: HeaderName = HeaderName::from_static("x-authenticated-client");
+static X_AUTHENTICATED_ROLES: HeaderName = HeaderName::from_static("x-authenticated-roles");
+static X_AUTHENTICATED_SCOPE: HeaderName = HeaderName::from_static("x-authenticated-scope");
+static X_TOKEN_ID: HeaderName = HeaderName::from_static("x-token-id");
+/// `X-Forwarded-*` headers the gateway sets.
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and the proxy-only ones.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-];
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+    )
+}
+
+/// Whether a client's request header stops at the gateway: hop-by-hop headers, copies
+/// of the gateway's own identity and `X-Forwarded-*` headers (and `Forwarded`, which
+/// would contradict them), `Host` (the upstream gets its own authority; the client's is
+/// in `X-Forwarded-Host`), `Expect` (the gateway answered it already) and, unless the
+/// route forwards it, `Authorization`.
+fn is_dropped_request_header(name: &HeaderName, forward_authorization: bool) -> bool {
+    match name.as_str() {
+        "x-authenticated-user"
+        | "x-authenticated-client"
+        | "x-authenticated-roles"
+        | "x-authenticated-scope"
+        | "x-token-id"
+        | "x-forwarded-for"
+        | "x-forwarded-proto"
+        | "x-forwarded-host"
+        | "forwarded"
+        | "host"
+        | "expect" => true,
+        "authorization" => !forward_authorization,
+        _ => is_hop_by_hop(name),
+    }
+}
+
+/// Removes every header `drop` picks, and those the `Connection` header names, in one
+/// pass over the names present rather than one lookup per name that might be.
+fn remove_headers(headers: &mut HeaderMap, drop: impl Fn(&HeaderName) -> bool) {
+    let mut doomed: Vec<HeaderName> = headers.keys().filter(|n| drop(n)).cloned().collect();
+    if !doomed.is_empty() {
+        doomed.extend(
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok()),
+        );
+    }
+    for name in &doomed {
+        headers.remove(name);
+    }
+}
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
-    headers.remove(header::PROXY_AUTHENTICATE);
+    remove_headers(headers, is_hop_by_hop);
 }
 
 /// The client's address as the gateway should believe it: the peer, unless the peer is
@@ -254,10 +285,28 @@ pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr
         .unwrap_or(peer)
 }
 
+/// A connection's TCP peer, with its `X-Forwarded-For` form made once per connection
+/// rather than formatted on every request.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// The peer's address.
+    pub addr: SocketAddr,
+    header: HeaderValue,
+}
+
+impl Peer {
+    /// The peer at `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        let header = HeaderValue::from_str(&addr.ip().to_string())
+            .expect("an IP address is a valid header value");
+        Peer { addr, header }
+    }
+}
+
 /// What the header rewrite needs to know about the connection.
 pub struct Origin<'a> {
     /// The TCP peer.
-    pub peer: SocketAddr,
+    pub peer: &'a Peer,
     /// `server.trusted_proxies`.
     pub trusted_proxies: &'a [IpNet],
 }
@@ -272,11 +321,11 @@ pub fn rewrite_request_headers(
     route: &Route,
     origin: &Origin<'_>,
 ) {
-    let peer = origin.peer.ip();
+    let peer = origin.peer.addr.ip();
     let trusted = origin.trusted_proxies.iter().any(|net| net.contains(&peer));
     let incoming_xff = if trusted {
         let joined: Vec<&str> = headers
-            .get_all("x-forwarded-for")
+            .get_all(&X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
@@ -285,37 +334,33 @@ pub fn rewrite_request_headers(
         None
     };
 
-    strip_hop_by_hop(headers);
-    for name in IDENTITY_HEADERS.iter().chain(FORWARDED_HEADERS.iter()) {
-        headers.remove(*name);
-    }
-    // The upstream gets its own authority as Host (from the URI); the client's is in
-    // X-Forwarded-Host. `Expect` was answered by the gateway already.
-    headers.remove(header::HOST);
-    headers.remove(header::EXPECT);
-    if !route.forward_authorization {
-        headers.remove(header::AUTHORIZATION);
-    }
+    let forward_authorization = route.forward_authorization;
+    remove_headers(headers, |name| {
+        is_dropped_request_header(name, forward_authorization)
+    });
 
     if let Some(identity) = identity {
         if let Some(user) = &identity.user_header {
-            headers.insert("x-authenticated-user", user.clone());
+            headers.insert(X_AUTHENTICATED_USER.clone(), user.clone());
         }
-        headers.insert("x-authenticated-client", identity.client_header.clone());
-        headers.insert("x-authenticated-roles", identity.roles_header.clone());
-        headers.insert("x-authenticated-scope", identity.scope_header.clone());
-        headers.insert("x-token-id", identity.jti_header.clone());
+        headers.insert(
+            X_AUTHENTICATED_CLIENT.clone(),
+            identity.client_header.clone(),
+        );
+        headers.insert(X_AUTHENTICATED_ROLES.clone(), identity.roles_header.clone());
+        headers.insert(X_AUTHENTICATED_SCOPE.clone(), identity.scope_header.clone());
+        headers.insert(X_TOKEN_ID.clone(), identity.jti_header.clone());
     }
     let xff = match incoming_xff {
-        Some(previous) => HeaderValue::from_str(&format!("{previous}, {peer}")),
-        None => HeaderValue::from_str(&peer.to_string()),
+        Some(previous) => HeaderValue::from_str(&format!("{previous}, {peer}")).ok(),
+        None => Some(origin.peer.header.clone()),
     };
-    if let Ok(xff) = xff {
-        headers.insert("x-forwarded-for", xff);
+    if let Some(xff) = xff {
+        headers.insert(X_FORWARDED_FOR.clone(), xff);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
     if let Some(host) = original_host {
-        headers.insert("x-forwarded-host", host);
+        headers.insert(X_FORWARDED_HOST.clone(), host);
     }
 }
 
@@ -569,6 +614,76 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("content-type"));
+    }
+
+    #[test]
+    fn the_rewrite_drops_spoofed_and_hop_by_hop_headers_and_sets_its_own() {
+        let tls = upstream_tls(None, false).unwrap();
+        let config = crate::config::Config::parse(
+            "[[routes]]\npath = \"/keep/**\"\nupstream = \"http://127.0.0.1:1\"\n\
+             forward_authorization = true\n\
+             [[routes]]\npath = \"/**\"\nupstream = \"http://127.0.0.1:1\"\n",
+            Path::new("test.toml"),
+        )
+        .unwrap();
+        let table = crate::routes::RouteTable::new(&config.routes, &config.upstream, &tls);
+        let find = |path| table.find(&http::Method::GET, None, path).unwrap();
+        let client_headers = || {
+            let mut headers = HeaderMap::new();
+            for (k, v) in [
+                ("host", "api.example.com"),
+                ("authorization", "Bearer secret"),
+                ("connection", "X-Private"),
+                ("x-private", "1"),
+                ("expect", "100-continue"),
+                ("x-authenticated-user", "spoofed"),
+                ("x-token-id", "spoofed"),
+                ("forwarded", "for=6.6.6.6"),
+                ("x-forwarded-for", "6.6.6.6"),
+                ("x-forwarded-proto", "http"),
+                ("accept", "*/*"),
+            ] {
+                headers.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+            }
+            headers
+        };
+        let peer = Peer::new("203.0.113.7:50000".parse().unwrap());
+        let host = Some(HeaderValue::from_static("api.example.com"));
+
+        let mut headers = client_headers();
+        let untrusted = Origin {
+            peer: &peer,
+            trusted_proxies: &[],
+        };
+        rewrite_request_headers(&mut headers, host.clone(), None, find("/x"), &untrusted);
+        let mut names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "accept",
+                "x-forwarded-for",
+                "x-forwarded-host",
+                "x-forwarded-proto"
+            ]
+        );
+        assert_eq!(headers["x-forwarded-for"], "203.0.113.7");
+        assert_eq!(headers["x-forwarded-proto"], "https");
+        assert_eq!(headers["x-forwarded-host"], "api.example.com");
+
+        // A route that forwards Authorization keeps it; a trusted peer's chain is kept
+        // and extended.
+        let mut headers = client_headers();
+        let trusted_proxies: Vec<IpNet> = vec!["203.0.113.0/24".parse().unwrap()];
+        let trusted = Origin {
+            peer: &peer,
+            trusted_proxies: &trusted_proxies,
+        };
+        rewrite_request_headers(&mut headers, host, None, find("/keep/x"), &trusted);
+        assert_eq!(headers["authorization"], "Bearer secret");
+        assert_eq!(headers["x-forwarded-for"], "6.6.6.6, 203.0.113.7");
+        assert!(!headers.contains_key("x-authenticated-user"));
+        assert!(!headers.contains_key("x-private"));
     }
 
     #[test]

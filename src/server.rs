@@ -261,9 +261,11 @@ pub async fn serve(
             // must therefore deliver its first request head within header_read_timeout.
             let first_request = Arc::new(AtomicBool::new(false));
             let seen = first_request.clone();
+            let connection_peer = crate::proxy::Peer::new(peer);
             let service = service_fn(move |request| {
                 seen.store(true, Ordering::Relaxed);
                 let shared = service_shared.clone();
+                let peer = connection_peer.clone();
                 async move { Ok::<_, Infallible>(gateway::handle(shared, request, peer).await) }
             });
             // HTTP/1.1 request framing is checked on the bytes (see framing.rs); HTTP/2
