@@ -18,7 +18,7 @@ CONCURRENCY=${CONCURRENCY:-50}
 if [ "${1:-}" = "--quick" ]; then DURATION=2s; ROUNDS=1; fi
 
 need() { command -v "$1" >/dev/null 2>&1 || { echo "bench: $1 is needed ($2)" >&2; exit 2; }; }
-need oha "cargo install oha"
+need oha "cargo install oha --locked"
 need curl "apt-get install curl"
 need python3 "apt-get install python3"
 need taskset "apt-get install util-linux"
