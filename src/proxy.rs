@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_rustls::HttpsConnector;
@@ -374,15 +375,26 @@ pub fn request_host<B>(request: &Request<B>) -> Option<HeaderValue> {
     })
 }
 
+/// The upstream's absolute URI for `path` and `query`. When the path reaches the
+/// upstream exactly as the client sent it, the client's path-and-query is reused (a
+/// reference-counted clone) rather than formatted and parsed again.
 fn upstream_uri(
     target: &crate::config::UpstreamUrl,
     path: &str,
-    query: Option<&str>,
+    original: Option<&PathAndQuery>,
 ) -> Result<Uri, Error> {
     let prefix = &target.prefix;
-    let path_and_query = match query {
-        Some(query) => format!("{prefix}{path}?{query}"),
-        None => format!("{prefix}{path}"),
+    let path_and_query = match original {
+        Some(original) if prefix.is_empty() && original.path() == path => original.clone(),
+        _ => {
+            let text = match original.and_then(PathAndQuery::query) {
+                Some(query) => format!("{prefix}{path}?{query}"),
+                None => format!("{prefix}{path}"),
+            };
+            PathAndQuery::try_from(text).map_err(|_| {
+                Error::InvalidRequest("the request target cannot be forwarded".into())
+            })?
+        }
     };
     Uri::builder()
         .scheme(target.scheme.clone())
@@ -496,9 +508,9 @@ pub async fn forward(
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, protocol.clone());
     }
-    let query = parts.uri.query();
+    let original = parts.uri.path_and_query();
     let build = |target: usize, body: RequestBody, headers: HeaderMap| {
-        let uri = upstream_uri(&route.targets[target].url, &path, query)?;
+        let uri = upstream_uri(&route.targets[target].url, &path, original)?;
         let mut forwarded = Request::new(body);
         *forwarded.method_mut() = parts.method.clone();
         *forwarded.uri_mut() = uri;
@@ -684,6 +696,32 @@ mod tests {
         assert_eq!(headers["x-forwarded-for"], "6.6.6.6, 203.0.113.7");
         assert!(!headers.contains_key("x-authenticated-user"));
         assert!(!headers.contains_key("x-private"));
+    }
+
+    #[test]
+    fn upstream_uris_keep_the_query_and_add_the_prefix() {
+        let plain = crate::config::UpstreamUrl::parse("http://127.0.0.1:8081").unwrap();
+        let prefixed = crate::config::UpstreamUrl::parse("https://svc:9443/base").unwrap();
+        let original = PathAndQuery::from_static("/a/%62?x=1&y");
+        let uri = |target, path, original| upstream_uri(target, path, original).unwrap();
+        // Unchanged path: the client's own target goes on, byte for byte.
+        assert_eq!(
+            uri(&plain, "/a/%62", Some(&original)).to_string(),
+            "http://127.0.0.1:8081/a/%62?x=1&y"
+        );
+        // A normalised or rewritten path replaces the client's, the query stays.
+        assert_eq!(
+            uri(&plain, "/a/b", Some(&original)).to_string(),
+            "http://127.0.0.1:8081/a/b?x=1&y"
+        );
+        assert_eq!(
+            uri(&prefixed, "/a/%62", Some(&original)).to_string(),
+            "https://svc:9443/base/a/%62?x=1&y"
+        );
+        assert_eq!(
+            uri(&prefixed, "/", None).to_string(),
+            "https://svc:9443/base/"
+        );
     }
 
     #[test]
