@@ -4,23 +4,13 @@
 
 mod common;
 
-use base64::Engine;
 use common::*;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
 
-fn challenge(verifier: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
-}
-
 /// Clients for browser flows; `callback` is their registered redirect URI.
 fn browser_clients(callback: &str) -> String {
-    let hash = |s: &str| {
-        covata_gateway::credentials::hash_password_with(s, covata_gateway::credentials::TEST_PARAMS)
-            .unwrap()
-    };
     format!(
         r#"
 [tokens]
@@ -45,8 +35,8 @@ client_secret = "{legacy}"
 authorized_grant_types = ["implicit"]
 registered_redirect_uris = ["{callback}"]
 "#,
-        web = hash("webapp-secret"),
-        legacy = hash("legacy-secret"),
+        web = password_hash("webapp-secret"),
+        legacy = password_hash("legacy-secret"),
     )
 }
 
@@ -165,7 +155,7 @@ impl Browser {
 
     /// The whole front channel for `webapp` with PKCE; returns the code.
     async fn code_for(&self, client: &str, extra: &[(&str, &str)]) -> String {
-        let challenge = challenge(VERIFIER);
+        let challenge = pkce_challenge(VERIFIER);
         let mut query = vec![
             ("response_type", "code"),
             ("client_id", client),
@@ -213,19 +203,17 @@ async fn code_flow_with_pkce_then_api_call() {
             ],
         )
         .await;
-    assert_eq!(response.status(), 200);
-    let tokens: Value = response.json().await.unwrap();
+    let tokens = json_ok(response).await;
     assert_eq!(tokens["scope"], "read");
     assert!(tokens["refresh_token"].is_string());
     let api =
-        b.gw.http1
-            .get(b.gw.url("/api/v1/files"))
-            .bearer_auth(tokens["access_token"].as_str().unwrap())
-            .send()
-            .await
-            .unwrap();
-    assert_eq!(api.status(), 200);
-    let seen: Value = api.json().await.unwrap();
+        b.gw.bearer_get(
+            &b.gw.http1,
+            "/api/v1/files",
+            tokens["access_token"].as_str().unwrap(),
+        )
+        .await;
+    let seen = json_ok(api).await;
     assert_eq!(seen["headers"]["x-authenticated-user"][0], ALEX.0);
     assert_eq!(seen["headers"]["x-authenticated-client"][0], "webapp");
 }
@@ -258,8 +246,7 @@ async fn public_client_uses_pkce_without_a_secret() {
         ("code_verifier", VERIFIER),
     ];
     let response = b.exchange(None, &form).await;
-    assert_eq!(response.status(), 200);
-    let tokens: Value = response.json().await.unwrap();
+    let tokens = json_ok(response).await;
     // The public client refreshes without a secret too.
     let refresh = b
         .exchange(
@@ -411,7 +398,7 @@ async fn exchange_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csrf_token_missing_or_wrong_is_refused() {
     let b = Browser::start().await;
-    let challenge = challenge(VERIFIER);
+    let challenge = pkce_challenge(VERIFIER);
     let query = [
         ("response_type", "code"),
         ("client_id", "webapp"),
@@ -459,7 +446,7 @@ async fn csrf_token_missing_or_wrong_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_password_rerenders_the_form_without_the_password() {
     let b = Browser::start().await;
-    let challenge = challenge(VERIFIER);
+    let challenge = pkce_challenge(VERIFIER);
     let page = b
         .open(&[
             ("response_type", "code"),
@@ -542,7 +529,7 @@ async fn bad_client_or_redirect_never_redirects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_after_a_good_redirect_go_back_to_the_client() {
     let b = Browser::start().await;
-    let challenge = challenge(VERIFIER);
+    let challenge = pkce_challenge(VERIFIER);
     let cases = [
         (vec![("response_type", "token")], "unauthorized_client"),
         (
@@ -616,13 +603,7 @@ async fn implicit_grant_only_for_clients_that_list_it() {
         Some("bearer")
     );
     let token = query_param(&location, "access_token").unwrap();
-    let api =
-        b.gw.http1
-            .get(b.gw.url("/api/v1/x"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+    let api = b.gw.bearer_get(&b.gw.http1, "/api/v1/x", &token).await;
     assert_eq!(api.status(), 200);
 
     // webapp does not list implicit: sent back with unauthorized_client, in the fragment.

@@ -11,11 +11,9 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use common::*;
 use fantoccini::{ClientBuilder, Locator};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 struct Driver {
     child: Child,
@@ -110,11 +108,7 @@ async fn browser(driver: &Driver) -> fantoccini::Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sign_in_in_a_real_browser_then_exchange_and_call_the_api() {
-    let hash = covata_gateway::credentials::hash_password_with(
-        "webapp-secret",
-        covata_gateway::credentials::TEST_PARAMS,
-    )
-    .unwrap();
+    let hash = password_hash("webapp-secret");
     let upstream = Upstream::start().await;
     let callback = format!("http://127.0.0.1:{}/callback", upstream.addr.port());
     let clients = format!(
@@ -131,8 +125,7 @@ scopes = ["read", "write"]
     let gw = TestGateway::start_text(upstream, &text).await;
 
     let verifier = "M25iVXpKU3puUjFaYWg3T1NDTDQtcW1ROUY5YXlwalNoc0hhakxifmZHag";
-    let challenge =
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(verifier));
+    let challenge = pkce_challenge(verifier);
     let query = serde_urlencoded::to_string([
         ("response_type", "code"),
         ("client_id", "webapp"),
@@ -234,18 +227,16 @@ scopes = ["read", "write"]
             ],
         )
         .await;
-    assert_eq!(response.status(), 200);
-    let tokens: Value = response.json().await.unwrap();
+    let tokens = json_ok(response).await;
     assert_eq!(tokens["scope"], "read write");
     let api = gw
-        .http2
-        .get(gw.url("/api/v1/objects"))
-        .bearer_auth(tokens["access_token"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(api.status(), 200);
-    let seen: Value = api.json().await.unwrap();
+        .bearer_get(
+            &gw.http2,
+            "/api/v1/objects",
+            tokens["access_token"].as_str().unwrap(),
+        )
+        .await;
+    let seen = json_ok(api).await;
     assert_eq!(seen["headers"]["x-authenticated-user"][0], ALEX.0);
     assert_eq!(seen["headers"]["x-authenticated-client"][0], "webapp");
 }

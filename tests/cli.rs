@@ -4,48 +4,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::process::{api_status, command, grant, granted, strip_ansi, url, Process};
 use common::*;
-use covata_gateway::credentials::{hash_password_with, Verifier, TEST_PARAMS};
+use covata_gateway::credentials::Verifier;
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_covata-gateway");
-
-/// How long a child may take to start serving on a busy machine.
-const START: Duration = Duration::from_secs(15);
-
-/// Removes ANSI escape sequences (CSI `ESC [ ... final`, and a lone `ESC x`).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != '\u{1b}' {
-            out.push(c);
-            continue;
-        }
-        if chars.next() == Some('[') {
-            for c in chars.by_ref() {
-                if ('@'..='~').contains(&c) {
-                    break;
-                }
-            }
-        }
-    }
-    out
-}
-
-fn command() -> Command {
-    let mut command = Command::new(BIN);
-    command.env("RUST_LOG", "info").env("NO_COLOR", "1");
-    command
-}
 
 fn stderr_of(output: &Output) -> String {
     strip_ansi(&String::from_utf8_lossy(&output.stderr))
@@ -114,6 +82,16 @@ fn with_unknown_key(text: &str) -> String {
     text.replacen("[server]\n", "[server]\nlisen = \"127.0.0.1:1\"\n", 1)
 }
 
+/// Asserts check-config refuses `text`, naming every needle and the line of the config
+/// holding `line_needle`.
+fn assert_refused_at_line(text: &str, line_needle: &str, needles: &[&str]) {
+    let line = format!("config.toml:{}", line_of(text, line_needle));
+    let (_dir, path, _) = config_dir(text, true);
+    let mut needles = needles.to_vec();
+    needles.push(&line);
+    assert_refused(&check_config(&path), &needles);
+}
+
 /// Asserts a refused check-config: exit 1 and every needle on stderr.
 fn assert_refused(output: &Output, needles: &[&str]) {
     let stderr = stderr_of(output);
@@ -131,182 +109,11 @@ fn assert_refused(output: &Output, needles: &[&str]) {
     }
 }
 
-/// A gateway process; killed when dropped, so a failing test leaves no child behind.
-struct Gw {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-    eof: Arc<AtomicBool>,
-}
-
-impl Gw {
-    fn spawn(config: &Path) -> Gw {
-        Gw::spawn_signalling(config, None)
-    }
-
-    /// Like `spawn`; with `on_serving`, the reader thread sends that signal the moment the
-    /// `covata-gateway serving` line arrives, as a supervisor watching the log would.
-    fn spawn_signalling(config: &Path, on_serving: Option<&'static str>) -> Gw {
-        let mut child = command()
-            .arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let log: Arc<Mutex<Vec<String>>> = Arc::default();
-        let eof: Arc<AtomicBool> = Arc::default();
-        let (lines, done) = (log.clone(), eof.clone());
-        let pid = child.id().to_string();
-        std::thread::spawn(move || {
-            let mut on_serving = on_serving;
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let line = strip_ansi(&line);
-                if line.contains("covata-gateway serving") {
-                    if let Some(name) = on_serving.take() {
-                        let _ = Command::new("kill")
-                            .args([format!("-{name}"), pid.clone()])
-                            .status();
-                    }
-                }
-                lines.lock().unwrap().push(line);
-            }
-            done.store(true, Ordering::SeqCst);
-        });
-        Gw { child, log, eof }
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    fn find_log(&self, needle: &str) -> Option<String> {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|l| l.contains(needle))
-            .cloned()
-    }
-
-    /// The first log line containing `needle`, waiting for it up to `timeout`.
-    async fn wait_log(&self, needle: &str, timeout: Duration) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let finished = self.eof.load(Ordering::SeqCst);
-            if let Some(line) = self.find_log(needle) {
-                return Some(line);
-            }
-            if finished || Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// The `name=ADDR` field of the `covata-gateway serving` line, once it is logged.
-    async fn serving_field(&self, name: &str) -> SocketAddr {
-        let line = self
-            .wait_log("covata-gateway serving", START)
-            .await
-            .unwrap_or_else(|| panic!("the gateway did not start; log:\n{}", self.log_text()));
-        line.split(&format!(" {name}="))
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("no {name}=ADDR in `{line}`"))
-    }
-
-    /// The TLS address, from the `covata-gateway serving listen=...` line.
-    async fn listen_addr(&self) -> SocketAddr {
-        self.serving_field("listen").await
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{name}"), self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{name} failed");
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Everything the process wrote to stderr, once it has exited.
-    async fn full_log(&self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !self.eof.load(Ordering::SeqCst) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        self.log_text()
-    }
-}
-
-impl Drop for Gw {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-fn url(addr: SocketAddr, path: &str) -> String {
-    format!("https://127.0.0.1:{}{}", addr.port(), path)
-}
-
-/// A password grant through the `app` client.
-async fn grant(
-    client: &reqwest::Client,
-    addr: SocketAddr,
-    user: (&str, &str),
-) -> reqwest::Response {
-    client
-        .post(url(addr, "/api/oauth/token"))
-        .basic_auth(APP.0, Some(APP.1))
-        .form(&[
-            ("grant_type", "password"),
-            ("username", user.0),
-            ("password", user.1),
-        ])
-        .send()
-        .await
-        .unwrap()
-}
-
 async fn token(client: &reqwest::Client, addr: SocketAddr, user: (&str, &str)) -> String {
-    let response = grant(client, addr, user).await;
-    assert_eq!(response.status(), 200, "password grant for {}", user.0);
-    let body: Value = response.json().await.unwrap();
-    body["access_token"].as_str().unwrap().to_owned()
-}
-
-async fn api_status(client: &reqwest::Client, addr: SocketAddr, token: &str) -> u16 {
-    client
-        .get(url(addr, "/api/v1/x"))
-        .bearer_auth(token)
-        .send()
-        .await
+    granted(client, addr, user).await["access_token"]
+        .as_str()
         .unwrap()
-        .status()
-        .as_u16()
+        .to_owned()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -364,12 +171,7 @@ fn check_config_names_a_bad_listen_address() {
         "listen = \"localhost\"",
         1,
     );
-    let line = line_of(&text, "\"localhost\"");
-    let (_dir, path, _) = config_dir(&text, true);
-    assert_refused(
-        &check_config(&path),
-        &["listen", "localhost", &format!("config.toml:{line}")],
-    );
+    assert_refused_at_line(&text, "\"localhost\"", &["listen", "localhost"]);
 }
 
 #[test]
@@ -383,12 +185,7 @@ fn check_config_names_the_missing_certificate_when_only_the_key_exists() {
 fn check_config_names_a_bad_password_hash() {
     let user = "[[users]]\nusername = \"bad@example.com\"\npassword = \"hunter2\"\nroles = [\"ROLE_COLLABORATOR\"]\n";
     let text = config_text(nowhere(), user, "");
-    let line = line_of(&text, "\"hunter2\"");
-    let (_dir, path, _) = config_dir(&text, true);
-    assert_refused(
-        &check_config(&path),
-        &["password", "PHC", &format!("config.toml:{line}")],
-    );
+    assert_refused_at_line(&text, "\"hunter2\"", &["password", "PHC"]);
 }
 
 #[test]
@@ -398,12 +195,7 @@ fn check_config_names_a_bad_duration() {
         "shutdown_grace = \"5s\"\nidle_timeout = \"10 parsecs\"\n",
         1,
     );
-    let line = line_of(&text, "parsecs");
-    let (_dir, path, _) = config_dir(&text, true);
-    assert_refused(
-        &check_config(&path),
-        &["idle_timeout", "10 parsecs", &format!("config.toml:{line}")],
-    );
+    assert_refused_at_line(&text, "parsecs", &["idle_timeout", "10 parsecs"]);
 }
 
 #[test]
@@ -417,16 +209,20 @@ fn check_config_names_a_missing_config_file() {
 // ---------------------------------------------------------------------------------------
 // The server refusing to start
 
+/// Starts the server on `config`, which must exit within 10 s, and not successfully;
+/// its whole log.
+async fn failed_start_log(config: &Path) -> String {
+    let mut gw = Process::spawn(config);
+    let status = gw.exited(Duration::from_secs(10)).await;
+    let log = gw.full_log().await;
+    assert!(!status.success(), "log:\n{log}");
+    log
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_exits_non_zero_on_a_bad_config() {
     let (_dir, path, _) = config_dir(&with_unknown_key(&config_text(nowhere(), "", "")), true);
-    let mut gw = Gw::spawn(&path);
-    let status = gw
-        .wait_exit(Duration::from_secs(10))
-        .await
-        .unwrap_or_else(|| panic!("still running; log:\n{}", gw.log_text()));
-    let log = gw.full_log().await;
-    assert!(!status.success(), "log:\n{log}");
+    let log = failed_start_log(&path).await;
     assert!(log.contains("lisen"), "log:\n{log}");
     assert!(log.contains("config.toml:3"), "log:\n{log}");
     assert!(!log.contains("covata-gateway serving"), "log:\n{log}");
@@ -442,13 +238,7 @@ async fn server_exits_non_zero_when_the_listen_address_is_taken() {
         1,
     );
     let (_dir, path, _) = config_dir(&text, true);
-    let mut gw = Gw::spawn(&path);
-    let status = gw
-        .wait_exit(Duration::from_secs(10))
-        .await
-        .unwrap_or_else(|| panic!("still running; log:\n{}", gw.log_text()));
-    let log = gw.full_log().await;
-    assert!(!status.success(), "log:\n{log}");
+    let log = failed_start_log(&path).await;
     assert!(log.contains(&taken_addr.to_string()), "log:\n{log}");
     assert!(log.contains("server.listen"), "log:\n{log}");
     drop(taken);
@@ -484,7 +274,7 @@ public = true
     );
     assert!(!cert.exists() && !key.exists());
 
-    let gw = Gw::spawn(&path);
+    let gw = Process::spawn(&path);
     let addr = gw.listen_addr().await;
     assert!(cert.exists(), "certificate written");
     assert!(key.exists(), "key written");
@@ -507,8 +297,7 @@ public = true
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 200);
-        let seen: Value = response.json().await.unwrap();
+        let seen = json_ok(response).await;
         assert_eq!(seen["path"], "/api/v1/config");
     }
 }
@@ -538,7 +327,7 @@ async fn setup(extra_before_routes: &str) -> Setup {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_zero() {
     let setup = setup("").await;
-    let mut gw = Gw::spawn(&setup.path);
+    let mut gw = Process::spawn(&setup.path);
     let addr = gw.listen_addr().await;
     let (http1, _) = clients(&setup.pem);
     let token = token(&http1, addr, ALEX).await;
@@ -581,10 +370,7 @@ async fn sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_zero() {
     assert_eq!(seen["path"], "/api/v1/slow/1500");
 
     // Well inside the 5 s grace: the drain ends when the last request does.
-    let exit = gw
-        .wait_exit(Duration::from_secs(4))
-        .await
-        .unwrap_or_else(|| panic!("still running; log:\n{}", gw.log_text()));
+    let exit = gw.exited(Duration::from_secs(4)).await;
     let log = gw.full_log().await;
     assert!(exit.success(), "{exit:?}; log:\n{log}");
     assert!(log.contains("shutdown signal received"), "log:\n{log}");
@@ -594,14 +380,14 @@ async fn sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_users_keeps_tokens_and_refuses_a_broken_config() {
     let setup = setup("").await;
-    let mut gw = Gw::spawn(&setup.path);
+    let mut gw = Process::spawn(&setup.path);
     let addr = gw.listen_addr().await;
     let (http1, _) = clients(&setup.pem);
     let alex = token(&http1, addr, ALEX).await;
     const NEWBIE: (&str, &str) = ("newbie@example.com", "newbie-pw");
     assert_ne!(grant(&http1, addr, NEWBIE).await.status(), 200, "not yet");
 
-    let hash = hash_password_with(NEWBIE.1, TEST_PARAMS).unwrap();
+    let hash = password_hash(NEWBIE.1);
     let user = format!(
         "[[users]]\nusername = \"{}\"\npassword = \"{hash}\"\nroles = [\"ROLE_COLLABORATOR\"]\n",
         NEWBIE.0
@@ -629,7 +415,11 @@ async fn sighup_reloads_users_keeps_tokens_and_refuses_a_broken_config() {
         "log:\n{}",
         gw.log_text()
     );
-    assert_eq!(api_status(&http1, addr, &alex).await, 200, "old token kept");
+    assert_eq!(
+        api_status(&http1, addr, "/api/v1/x", &alex).await,
+        200,
+        "old token kept"
+    );
     assert!(gw.running());
 
     // A broken file is refused and the running configuration stays.
@@ -644,8 +434,8 @@ async fn sighup_reloads_users_keeps_tokens_and_refuses_a_broken_config() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(gw.running(), "log:\n{}", gw.log_text());
     let newbie = token(&http1, addr, NEWBIE).await;
-    assert_eq!(api_status(&http1, addr, &newbie).await, 200);
-    assert_eq!(api_status(&http1, addr, &alex).await, 200);
+    assert_eq!(api_status(&http1, addr, "/api/v1/x", &newbie).await, 200);
+    assert_eq!(api_status(&http1, addr, "/api/v1/x", &alex).await, 200);
 }
 
 /// The serving line announces readiness: a supervisor may signal from then on. A signal
@@ -656,7 +446,7 @@ async fn sighup_reloads_users_keeps_tokens_and_refuses_a_broken_config() {
 async fn signals_sent_as_soon_as_serving_is_logged_are_handled() {
     let setup = setup("").await;
     for round in 0..4 {
-        let mut gw = Gw::spawn_signalling(&setup.path, Some("HUP"));
+        let mut gw = Process::spawn_signalling(&setup.path, Some("HUP"));
         gw.listen_addr().await;
         let reloaded = gw
             .wait_log("configuration reloaded", Duration::from_secs(5))
@@ -671,7 +461,7 @@ async fn signals_sent_as_soon_as_serving_is_logged_are_handled() {
         let exit = gw.wait_exit(Duration::from_secs(5)).await;
         assert!(exit.is_some_and(|e| e.success()), "round {round}: {exit:?}");
 
-        let mut gw = Gw::spawn_signalling(&setup.path, Some("TERM"));
+        let mut gw = Process::spawn_signalling(&setup.path, Some("TERM"));
         gw.listen_addr().await;
         let exit = gw.wait_exit(Duration::from_secs(5)).await;
         assert!(
@@ -690,7 +480,7 @@ async fn signals_sent_as_soon_as_serving_is_logged_are_handled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serving_line_names_the_bound_admin_address() {
     let setup = setup("").await;
-    let gw = Gw::spawn(&setup.path);
+    let gw = Process::spawn(&setup.path);
     let listen = gw.listen_addr().await;
     let admin = gw.serving_field("admin").await;
     assert_ne!(listen.port(), 0);

@@ -4,15 +4,16 @@
 //! and certificate replacement on disk. Everything runs against a real gateway over TLS.
 
 mod common;
+use common::raw::{client_tls, parse_responses, provider, tls_connect};
 use common::*;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use covata_gateway::credentials::{hash_password_with, TEST_PARAMS};
 use covata_gateway::{Config, Gateway};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Empty, Full};
@@ -21,7 +22,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -58,44 +59,6 @@ fn header<'a>(seen: &'a Seen, name: &str) -> Vec<&'a str> {
         .collect()
 }
 
-/// A task aborted on drop, so a failed test leaves no server behind.
-struct Task(tokio::task::JoinHandle<()>);
-
-impl Drop for Task {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// A TLS client configuration trusting exactly the certificates in `pems`.
-fn client_tls(pems: &[&str], alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for pem in pems {
-        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Arc::new(config)
-}
-
-async fn tls_connect(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> TlsStream<TcpStream> {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    tokio_rustls::TlsConnector::from(config)
-        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
-        .expect("TLS handshake with the gateway")
-}
-
 fn first_der(pem: &str) -> CertificateDer<'static> {
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .next()
@@ -107,28 +70,25 @@ fn peer_leaf(tls: &TlsStream<TcpStream>) -> CertificateDer<'static> {
     tls.get_ref().1.peer_certificates().expect("a certificate")[0].clone()
 }
 
-fn password_hash(password: &str) -> String {
-    hash_password_with(password, TEST_PARAMS).unwrap()
-}
-
-/// Adds lines to the `[server]` table of the standard configuration text.
-fn with_server_keys(text: &str, lines: &str) -> String {
-    let anchor = "shutdown_grace = \"5s\"";
-    assert!(text.contains(anchor));
-    text.replacen(anchor, &format!("{anchor}\n{lines}"), 1)
-}
-
 async fn get_json(client: &reqwest::Client, url: &str, token: &str) -> Value {
     let response = client.get(url).bearer_auth(token).send().await.unwrap();
     assert_eq!(response.status(), 200, "{url}");
     response.json().await.unwrap()
 }
 
-fn received<'a>(seen: &'a Value, name: &str) -> Vec<&'a str> {
-    seen["headers"][name]
-        .as_array()
-        .map(|values| values.iter().map(|v| v.as_str().unwrap()).collect())
-        .unwrap_or_default()
+/// A server on 127.0.0.1 that hands each connection, with the shared request log, to
+/// `serve`; returns its address, the log and the task accepting connections.
+async fn logging_server<F, Fut>(serve: F) -> (SocketAddr, Log, Task)
+where
+    F: Fn(TcpStream, Log) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log: Log = Arc::default();
+    let task_log = log.clone();
+    let task = accept_loop(listener, move |stream| serve(stream, task_log.clone()));
+    (addr, log, task)
 }
 
 /// A hyper HTTP/1.1 upstream that records every request and answers
@@ -136,35 +96,23 @@ fn received<'a>(seen: &'a Value, name: &str) -> Vec<&'a str> {
 async fn recording_upstream(
     answer: fn(&Request<Incoming>) -> (u16, String),
 ) -> (SocketAddr, Log, Task) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let log: Log = Arc::default();
-    let task_log = log.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let log = task_log.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request: Request<Incoming>| {
-                    record(&log, &request);
-                    let (status, body) = answer(&request);
-                    async move {
-                        // Read the request body fully before answering.
-                        let _ = request.into_body().collect().await;
-                        let mut response = Response::new(Full::new(Bytes::from(body)));
-                        *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-                        Ok::<_, Infallible>(response)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (addr, log, Task(task))
+    logging_server(move |stream, log| async move {
+        let service = service_fn(move |request: Request<Incoming>| {
+            record(&log, &request);
+            let (status, body) = answer(&request);
+            async move {
+                // Read the request body fully before answering.
+                let _ = request.into_body().collect().await;
+                let mut response = Response::new(Full::new(Bytes::from(body)));
+                *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    })
+    .await
 }
 
 // ---------------------------------------------------------------------------------
@@ -173,38 +121,24 @@ async fn recording_upstream(
 /// A WebSocket upstream that echoes text and binary messages and records each
 /// handshake request.
 async fn websocket_upstream() -> (SocketAddr, Log, Task) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let log: Log = Arc::default();
-    let task_log = log.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let log = task_log.clone();
-            tokio::spawn(async move {
-                // The callback's signature is tungstenite's; its error type is large.
-                #[allow(clippy::result_large_err)]
-                let callback =
-                    |request: &tokio_tungstenite::tungstenite::handshake::server::Request,
-                     response| {
-                        record(&log, request);
-                        Ok(response)
-                    };
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
-                    return;
-                };
-                while let Some(Ok(message)) = ws.next().await {
-                    if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err()
-                    {
-                        return;
-                    }
-                }
-            });
+    logging_server(|stream, log| async move {
+        // The callback's signature is tungstenite's; its error type is large.
+        #[allow(clippy::result_large_err)]
+        let callback = |request: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                        response| {
+            record(&log, request);
+            Ok(response)
+        };
+        let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+            return;
+        };
+        while let Some(Ok(message)) = ws.next().await {
+            if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
+                return;
+            }
         }
-    });
-    (addr, log, Task(task))
+    })
+    .await
 }
 
 fn websocket_request(
@@ -333,91 +267,6 @@ async fn websocket_echo_through_the_gateway_needs_a_token() {
 // ---------------------------------------------------------------------------------
 // 2. A refused upgrade stays HTTP (GHSA-xq2h-p299-vjwv)
 
-/// One parsed HTTP/1.1 response.
-#[derive(Debug)]
-struct RawResponse {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl RawResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Parses consecutive HTTP/1.1 responses (Content-Length or chunked bodies); stops at
-/// the first incomplete or unparsable one.
-fn parse_responses(mut data: &[u8]) -> Vec<RawResponse> {
-    let mut responses = Vec::new();
-    while let Some(end) = find(data, b"\r\n\r\n") {
-        let head = String::from_utf8_lossy(&data[..end]).into_owned();
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap_or_default();
-        let Some(status) = status_line
-            .strip_prefix("HTTP/1.1 ")
-            .and_then(|s| s.get(..3))
-            .and_then(|s| s.parse::<u16>().ok())
-        else {
-            break;
-        };
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
-            .collect();
-        let mut rest = &data[end + 4..];
-        let mut response = RawResponse {
-            status,
-            headers,
-            body: Vec::new(),
-        };
-        if let Some(length) = response.header("content-length") {
-            let length: usize = length.parse().unwrap();
-            if rest.len() < length {
-                break;
-            }
-            response.body = rest[..length].to_vec();
-            rest = &rest[length..];
-        } else if response
-            .header("transfer-encoding")
-            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-        {
-            loop {
-                let Some(line_end) = find(rest, b"\r\n") else {
-                    return responses;
-                };
-                let size_text = String::from_utf8_lossy(&rest[..line_end]).into_owned();
-                let size =
-                    usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
-                rest = &rest[line_end + 2..];
-                if size == 0 {
-                    let Some(trailer_end) = find(rest, b"\r\n") else {
-                        return responses;
-                    };
-                    rest = &rest[trailer_end + 2..];
-                    break;
-                }
-                if rest.len() < size + 2 {
-                    return responses;
-                }
-                response.body.extend_from_slice(&rest[..size]);
-                rest = &rest[size + 2..];
-            }
-        }
-        responses.push(response);
-        data = rest;
-    }
-    responses
-}
-
 fn refusing_answer(request: &Request<Incoming>) -> (u16, String) {
     let path = request.uri().path().to_owned();
     if request.headers().contains_key("upgrade") {
@@ -517,32 +366,24 @@ async fn tls_upstream() -> (SocketAddr, String, Log, Task) {
         .unwrap();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let log: Log = Arc::default();
-    let task_log = log.clone();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+    let (addr, log, task) = logging_server(move |stream, log| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Ok(tls) = acceptor.accept(stream).await else {
+                return;
             };
-            let (acceptor, log) = (acceptor.clone(), task_log.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(stream).await else {
-                    return;
-                };
-                let service = service_fn(move |request: Request<Incoming>| {
-                    record(&log, &request);
-                    let body = format!("secure answer for {}", request.uri().path());
-                    async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
+            let service = service_fn(move |request: Request<Incoming>| {
+                record(&log, &request);
+                let body = format!("secure answer for {}", request.uri().path());
+                async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
             });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
         }
-    });
-    (addr, cert_pem, log, Task(task))
+    })
+    .await;
+    (addr, cert_pem, log, task)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -563,12 +404,9 @@ async fn https_upstreams_are_verified_against_ca_file() {
     let gw = TestGateway::start_text(upstream, &text).await;
     let token = gw.alex_token().await;
     for client in [&gw.http1, &gw.http2] {
-        let response = client
-            .get(gw.url("/api/v1/secure/things/1"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let response = gw
+            .bearer_get(client, "/api/v1/secure/things/1", &token)
+            .await;
         assert_eq!(response.status(), 200);
         assert_eq!(
             response.text().await.unwrap(),
@@ -593,12 +431,8 @@ async fn https_upstreams_are_verified_against_ca_file() {
     let gw = TestGateway::start_text(upstream, &text).await;
     let token = gw.alex_token().await;
     let response = gw
-        .http1
-        .get(gw.url("/api/v1/secure/things/2"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+        .bearer_get(&gw.http1, "/api/v1/secure/things/2", &token)
+        .await;
     expect_error(response, 502, "bad_gateway").await;
     assert_eq!(log.lock().unwrap().len(), 2, "no request got through");
     gw.stop().await;
@@ -625,8 +459,7 @@ async fn x_forwarded_for_is_extended_only_for_trusted_proxies() {
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(response.status(), 200);
-            let seen: Value = response.json().await.unwrap();
+            let seen = json_ok(response).await;
             assert_eq!(
                 received(&seen, "x-forwarded-for"),
                 [expected],
@@ -649,28 +482,14 @@ async fn hsts_is_on_every_response_only_when_configured() {
             text = with_server_keys(&text, &format!("hsts = \"{value}\""));
         }
         let gw = TestGateway::start_text(upstream, &text).await;
-        let grant = gw
-            .token_request(
-                Some(APP),
-                &[
-                    ("grant_type", "password"),
-                    ("username", ALEX.0),
-                    ("password", ALEX.1),
-                ],
-            )
-            .await;
+        let grant = gw.token_request(Some(APP), &password_form(ALEX, &[])).await;
         let mut responses = vec![("token endpoint", 200, grant.headers().clone())];
         let token = grant.json::<Value>().await.unwrap()["access_token"]
             .as_str()
             .unwrap()
             .to_owned();
         for client in [&gw.http1, &gw.http2] {
-            let proxied = client
-                .get(gw.url("/api/v1/objects/1"))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap();
+            let proxied = gw.bearer_get(client, "/api/v1/objects/1", &token).await;
             responses.push((
                 "proxied",
                 proxied.status().as_u16(),
@@ -836,11 +655,7 @@ async fn the_redirect_listener_sends_everything_to_https() {
     let response = http1
         .post(format!("https://127.0.0.1:{port}/api/oauth/token"))
         .basic_auth(APP.0, Some(APP.1))
-        .form(&[
-            ("grant_type", "password"),
-            ("username", ALEX.0),
-            ("password", ALEX.1),
-        ])
+        .form(&password_form(ALEX, &[]))
         .send()
         .await
         .unwrap();
@@ -863,17 +678,10 @@ fn carol_block() -> String {
 }
 
 async fn sign_in_status(gw: &TestGateway, user: (&str, &str)) -> u16 {
-    gw.token_request(
-        Some(APP),
-        &[
-            ("grant_type", "password"),
-            ("username", user.0),
-            ("password", user.1),
-        ],
-    )
-    .await
-    .status()
-    .as_u16()
+    gw.token_request(Some(APP), &password_form(user, &[]))
+        .await
+        .status()
+        .as_u16()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

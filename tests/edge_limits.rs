@@ -7,6 +7,7 @@
 //! call.
 
 mod common;
+use common::raw::{connector, parse_responses, server_name, RawResponse};
 use common::*;
 
 use std::convert::Infallible;
@@ -20,8 +21,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -49,13 +48,7 @@ type Log = Arc<Mutex<Vec<Arrival>>>;
 struct Counting {
     addr: SocketAddr,
     log: Log,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Counting {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _task: Task,
 }
 
 async fn count(log: Log, request: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -104,24 +97,23 @@ impl Counting {
         let addr = listener.local_addr().unwrap();
         let log: Log = Arc::default();
         let shared = log.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let log = shared.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |request| {
-                        let log = log.clone();
-                        async move { Ok::<_, Infallible>(count(log, request).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+        let task = accept_loop(listener, move |stream| {
+            let log = shared.clone();
+            async move {
+                let service = service_fn(move |request| {
+                    let log = log.clone();
+                    async move { Ok::<_, Infallible>(count(log, request).await) }
                 });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             }
         });
-        Counting { addr, log, task }
+        Counting {
+            addr,
+            log,
+            _task: task,
+        }
     }
 
     fn arrivals(&self) -> Vec<Arrival> {
@@ -136,10 +128,7 @@ impl Counting {
 /// The standard configuration with every `/api/v1/**` route on the counting upstream,
 /// `server_keys` added to `[server]` and `routes` before the catch-all route.
 fn config_for(up: &Counting, server_keys: &str, routes: &str) -> String {
-    let text = config_text(up.addr, "", routes);
-    let anchor = "shutdown_grace = \"5s\"";
-    assert!(text.contains(anchor));
-    text.replacen(anchor, &format!("{anchor}\n{server_keys}"), 1)
+    with_server_keys(&config_text(up.addr, "", routes), server_keys)
 }
 
 async fn start(up: &Counting, server_keys: &str, routes: &str) -> TestGateway {
@@ -152,26 +141,6 @@ async fn start(up: &Counting, server_keys: &str, routes: &str) -> TestGateway {
 
 // ---------------------------------------------------------------------------------
 // Raw TLS
-
-fn connector(ca_pem: &str, alpn: &[u8]) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-}
-
-fn server_name() -> ServerName<'static> {
-    ServerName::try_from("127.0.0.1").unwrap()
-}
 
 /// A TLS connection to the gateway, handshake completed, offering only `alpn`.
 async fn tls_open(gw: &TestGateway, alpn: &[u8]) -> TlsStream<TcpStream> {
@@ -233,93 +202,15 @@ async fn exchange(gw: &TestGateway, wire: &[u8]) -> (Vec<u8>, End) {
     read_to_close(&mut tls, Duration::from_secs(5)).await
 }
 
-/// One parsed HTTP/1.1 response.
-#[derive(Debug)]
-struct Parsed {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Parsed {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|_| panic!("not JSON: {:?}", String::from_utf8_lossy(&self.body)))
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Parses consecutive HTTP/1.1 responses (Content-Length or chunked bodies); stops at
-/// the first incomplete one.
-fn parse_responses(mut data: &[u8]) -> Vec<Parsed> {
-    let mut responses = Vec::new();
-    while let Some(end) = find(data, b"\r\n\r\n") {
-        let head = String::from_utf8_lossy(&data[..end]).into_owned();
-        let mut lines = head.split("\r\n");
-        let Some(status) = lines
-            .next()
-            .and_then(|l| l.strip_prefix("HTTP/1.1 "))
-            .and_then(|s| s.get(..3))
-            .and_then(|s| s.parse::<u16>().ok())
-        else {
-            break;
-        };
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
-            .collect();
-        let mut rest = &data[end + 4..];
-        let mut parsed = Parsed {
-            status,
-            headers,
-            body: Vec::new(),
-        };
-        if let Some(length) = parsed.header("content-length") {
-            let length: usize = length.parse().unwrap();
-            if rest.len() < length {
-                break;
-            }
-            parsed.body = rest[..length].to_vec();
-            rest = &rest[length..];
-        } else if parsed
-            .header("transfer-encoding")
-            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-        {
-            loop {
-                let Some(line_end) = find(rest, b"\r\n") else {
-                    return responses;
-                };
-                let size_text = String::from_utf8_lossy(&rest[..line_end]).into_owned();
-                let size =
-                    usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
-                rest = &rest[line_end + 2..];
-                if size == 0 {
-                    let Some(trailer_end) = find(rest, b"\r\n") else {
-                        return responses;
-                    };
-                    rest = &rest[trailer_end + 2..];
-                    break;
-                }
-                if rest.len() < size + 2 {
-                    return responses;
-                }
-                parsed.body.extend_from_slice(&rest[..size]);
-                rest = &rest[size + 2..];
-            }
-        }
-        responses.push(parsed);
-        data = rest;
-    }
+/// The responses parsed from `received`, whose statuses must be exactly `expected`.
+fn expect_statuses(received: &[u8], expected: &[u16]) -> Vec<RawResponse> {
+    let responses = parse_responses(received);
+    assert_eq!(
+        responses.iter().map(|r| r.status).collect::<Vec<_>>(),
+        expected,
+        "{:?}",
+        String::from_utf8_lossy(received)
+    );
     responses
 }
 
@@ -400,8 +291,7 @@ async fn still_serves_over(gw: &TestGateway, up: &Counting, clients: &[&reqwest:
             .send()
             .await
             .expect("the gateway still answers");
-        assert_eq!(response.status(), 200);
-        let body: Value = response.json().await.unwrap();
+        let body = json_ok(response).await;
         assert_eq!(body["path"], "/api/v1/after/all", "{body}");
     }
     let after = up.paths();
@@ -477,12 +367,8 @@ async fn a_slowloris_head_is_cut_off_while_other_clients_are_served() {
         for i in 0..3 {
             let started = Instant::now();
             let response = gw
-                .http1
-                .get(gw.url(&format!("/api/v1/normal/{i}")))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap();
+                .bearer_get(&gw.http1, &format!("/api/v1/normal/{i}"), &token)
+                .await;
             assert_eq!(response.status(), 200);
             assert!(
                 started.elapsed() < Duration::from_millis(800),
@@ -557,15 +443,13 @@ async fn a_slowloris_dripping_the_http2_preface_is_cut_off_too() {
 // ---------------------------------------------------------------------------------
 // 2. Idle timeout
 
+/// A short idle timeout, and a header read timeout well past it.
+const IDLE_TIMEOUT_KEYS: &str = "idle_timeout = \"700ms\"\nheader_read_timeout = \"5s\"";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_close_after_idle_timeout_busy_ones_stay() {
     let up = Counting::start().await;
-    let gw = start(
-        &up,
-        "idle_timeout = \"700ms\"\nheader_read_timeout = \"5s\"",
-        "",
-    )
-    .await;
+    let gw = start(&up, IDLE_TIMEOUT_KEYS, "").await;
     let token = gw.alex_token().await;
 
     // Handshake done, not a byte after it: closed by the idle timeout, not the 5 s one.
@@ -644,12 +528,7 @@ async fn silent_connections_close_after_idle_timeout_busy_ones_stay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_http2_client_is_closed_after_idle_timeout() {
     let up = Counting::start().await;
-    let gw = start(
-        &up,
-        "idle_timeout = \"700ms\"\nheader_read_timeout = \"5s\"",
-        "",
-    )
-    .await;
+    let gw = start(&up, IDLE_TIMEOUT_KEYS, "").await;
     let token = gw.alex_token().await;
     let (mut h2, mut task) = h2_client(&gw).await;
     h2.ready().await.unwrap();
@@ -692,13 +571,7 @@ async fn an_oversized_head_gets_431_and_never_reaches_the_upstream() {
         end.closed(),
         "the connection stays open after a 100 KiB head"
     );
-    let responses = parse_responses(&received);
-    assert_eq!(
-        responses.iter().map(|r| r.status).collect::<Vec<_>>(),
-        [431],
-        "{:?}",
-        String::from_utf8_lossy(&received)
-    );
+    expect_statuses(&received, &[431]);
 
     // HTTP/2: the same header through reqwest.
     let result = gw
@@ -715,14 +588,7 @@ async fn an_oversized_head_gets_431_and_never_reaches_the_upstream() {
 
     // 4 KiB is an ordinary header.
     let (received, _) = exchange(&gw, with_header("/api/v1/fine", 4 * 1024).as_bytes()).await;
-    let responses = parse_responses(&received);
-    assert_eq!(
-        responses.len(),
-        1,
-        "{:?}",
-        String::from_utf8_lossy(&received)
-    );
-    assert_eq!(responses[0].status, 200);
+    let responses = expect_statuses(&received, &[200]);
     assert_eq!(responses[0].json()["path"], "/api/v1/fine");
     let response = gw
         .http2
@@ -740,16 +606,6 @@ async fn an_oversized_head_gets_431_and_never_reaches_the_upstream() {
 
 // ---------------------------------------------------------------------------------
 // 4. Body limits
-
-/// A streamed (chunked) body of `n` bytes in `chunk`-byte pieces.
-fn chunked_body(n: usize, chunk: usize) -> reqwest::Body {
-    let data = pattern(n);
-    let chunks: Vec<Result<Bytes, std::io::Error>> = data
-        .chunks(chunk)
-        .map(|c| Ok(Bytes::copy_from_slice(c)))
-        .collect();
-    reqwest::Body::wrap_stream(futures_util::stream::iter(chunks))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_over_the_limits_get_413() {
@@ -815,13 +671,7 @@ async fn bodies_over_the_limits_get_413() {
         let _ = tls.write_all(&body[512..]).await;
         let _ = tls.flush().await;
         let (received, _) = read_to_close(&mut tls, Duration::from_secs(5)).await;
-        let responses = parse_responses(&received);
-        assert_eq!(
-            responses.iter().map(|r| r.status).collect::<Vec<_>>(),
-            [413],
-            "{:?}",
-            String::from_utf8_lossy(&received)
-        );
+        let responses = expect_statuses(&received, &[413]);
         assert_eq!(responses[0].json()["error"], "payload_too_large");
     }
     assert!(
@@ -1000,14 +850,7 @@ async fn ambiguous_framing_is_refused_before_the_upstream() {
         )
     );
     let (received, _) = exchange(&gw, wire.as_bytes()).await;
-    let responses = parse_responses(&received);
-    assert_eq!(
-        responses.len(),
-        1,
-        "{:?}",
-        String::from_utf8_lossy(&received)
-    );
-    assert_eq!(responses[0].status, 200);
+    let responses = expect_statuses(&received, &[200]);
     assert_eq!(responses[0].json()["bytes"], 5);
     assert_eq!(up.paths(), ["/api/v1/ordinary"]);
     still_serves(&gw, &up).await;
@@ -1044,13 +887,7 @@ async fn content_length_with_transfer_encoding_is_refused() {
             "{what}: the request was forwarded to the upstream"
         );
     }
-    let response = gw
-        .http1
-        .get(gw.url("/api/v1/ordinary"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = gw.bearer_get(&gw.http1, "/api/v1/ordinary", &token).await;
     assert_eq!(response.status(), 200);
     assert_eq!(up.paths(), ["/api/v1/ordinary"]);
     still_serves(&gw, &up).await;
@@ -1080,13 +917,7 @@ async fn a_request_hidden_in_a_body_stays_body() {
             post_head(&gw, &token, "/api/v1/carrier", &framing)
         );
         let (received, _) = exchange(&gw, wire.as_bytes()).await;
-        let responses = parse_responses(&received);
-        assert_eq!(
-            responses.iter().map(|r| r.status).collect::<Vec<_>>(),
-            [200],
-            "{:?}",
-            String::from_utf8_lossy(&received)
-        );
+        let responses = expect_statuses(&received, &[200]);
         assert_eq!(responses[0].json()["bytes"], hidden.len());
     }
     let arrivals = up.arrivals();
@@ -1109,13 +940,7 @@ async fn a_request_hidden_in_a_body_stays_body() {
         post_head(&gw, &token, "/api/v1/carrier", "Transfer-Encoding: chunked\r\n")
     );
     let (received, _) = exchange(&gw, wire.as_bytes()).await;
-    let responses = parse_responses(&received);
-    assert_eq!(
-        responses.iter().map(|r| r.status).collect::<Vec<_>>(),
-        [200, 401],
-        "{:?}",
-        String::from_utf8_lossy(&received)
-    );
+    let responses = expect_statuses(&received, &[200, 401]);
     assert_eq!(responses[0].json()["bytes"], 5);
     assert_eq!(
         up.paths(),
@@ -1175,13 +1000,7 @@ async fn max_connections_holds_new_handshakes_until_a_slot_frees() {
         .await
         .unwrap();
     let (received, _) = read_to_close(&mut second, Duration::from_secs(5)).await;
-    let responses = parse_responses(&received);
-    assert_eq!(
-        responses.iter().map(|r| r.status).collect::<Vec<_>>(),
-        [200],
-        "{:?}",
-        String::from_utf8_lossy(&received)
-    );
+    expect_statuses(&received, &[200]);
     drop(second);
     assert_eq!(up.paths(), ["/api/v1/config", "/api/v1/config"]);
     // One client connection at a time fits in the limit (reqwest keeps its connection
@@ -1203,11 +1022,7 @@ async fn sign_in(
         .http1
         .post(gw.url("/api/oauth/token"))
         .basic_auth(APP.0, Some(APP.1))
-        .form(&[
-            ("grant_type", "password"),
-            ("username", user),
-            ("password", password),
-        ]);
+        .form(&password_form((user, password), &[]));
     if let Some(ip) = ip {
         request = request.header("x-forwarded-for", ip);
     }
@@ -1218,7 +1033,8 @@ async fn refused(response: reqwest::Response) -> Value {
     expect_error(response, 400, "invalid_grant").await
 }
 
-fn lockout_config(up: &Counting, trusted: bool) -> String {
+/// A gateway locking out after 3 failures within 1 s, behind trusted proxies or not.
+async fn start_lockout(up: &Counting, trusted: bool) -> TestGateway {
     let text = config_for(
         up,
         if trusted {
@@ -1230,13 +1046,21 @@ fn lockout_config(up: &Counting, trusted: bool) -> String {
     );
     let old = "max_failed_logins = 1000\nlockout_window = \"1m\"";
     assert!(text.contains(old));
-    text.replace(old, "max_failed_logins = 3\nlockout_window = \"1s\"")
+    let text = text.replace(old, "max_failed_logins = 3\nlockout_window = \"1s\"");
+    TestGateway::start_text(Upstream::start().await, &text).await
 }
+
+/// Three usernames nobody has.
+const NOBODIES: [&str; 3] = [
+    "nobody1@example.com",
+    "nobody2@example.com",
+    "nobody3@example.com",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_username_refuses_even_the_right_password_until_the_window_passes() {
     let up = Counting::start().await;
-    let gw = TestGateway::start_text(Upstream::start().await, &lockout_config(&up, true)).await;
+    let gw = start_lockout(&up, true).await;
     // Failures from three different addresses: only the username's counter reaches 3.
     // The window opens somewhere between `started` and `first_done`.
     let started = Instant::now();
@@ -1277,15 +1101,11 @@ async fn failures_from_one_address_lock_out_every_username_from_it() {
     let up = Counting::start().await;
     // No trusted proxies: the address is the TCP peer, 127.0.0.1, and X-Forwarded-For
     // must not get a locked-out client a fresh counter.
-    let gw = TestGateway::start_text(Upstream::start().await, &lockout_config(&up, false)).await;
+    let gw = start_lockout(&up, false).await;
     let started = Instant::now();
     let mut first_done = None;
     let mut wrong = Vec::new();
-    for user in [
-        "nobody1@example.com",
-        "nobody2@example.com",
-        "nobody3@example.com",
-    ] {
+    for user in NOBODIES {
         wrong.push(refused(sign_in(&gw, user, "guess", None).await).await);
         first_done.get_or_insert_with(Instant::now);
     }
@@ -1312,12 +1132,8 @@ async fn failures_from_one_address_lock_out_every_username_from_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_address_lockout_is_per_address() {
     let up = Counting::start().await;
-    let gw = TestGateway::start_text(Upstream::start().await, &lockout_config(&up, true)).await;
-    for user in [
-        "nobody1@example.com",
-        "nobody2@example.com",
-        "nobody3@example.com",
-    ] {
+    let gw = start_lockout(&up, true).await;
+    for user in NOBODIES {
         refused(sign_in(&gw, user, "guess", Some("10.2.0.1")).await).await;
     }
     let locked = refused(sign_in(&gw, ADMIN.0, ADMIN.1, Some("10.2.0.1")).await).await;

@@ -5,15 +5,11 @@
 //! per-user caps, and the token snapshot across restarts of the real binary.
 
 mod common;
+use common::process::{api_status, granted, url, Process};
 use common::*;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use reqwest::header::HeaderMap;
@@ -28,10 +24,6 @@ const METADATA: &str = "/.well-known/oauth-authorization-server";
 
 /// Well-formed (43 base64url characters) but never issued.
 const UNKNOWN_TOKEN: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
-
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).map(|v| v.to_str().unwrap())
-}
 
 /// What a token response handed out.
 struct Tokens {
@@ -97,12 +89,7 @@ async fn refresh_refused(gw: &TestGateway, refresh_token: &str, what: &str) {
 
 /// `GET /api/v1/things` with the bearer token.
 async fn api(gw: &TestGateway, token: &str) -> Response {
-    gw.http1
-        .get(gw.url("/api/v1/things"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
+    gw.bearer_get(&gw.http1, "/api/v1/things", token).await
 }
 
 async fn assert_live(gw: &TestGateway, token: &str, what: &str) {
@@ -145,6 +132,23 @@ async fn revoke_ok(gw: &TestGateway, client: (&str, &str), form: &[(&str, &str)]
     let status = response.status();
     let body = response.text().await.unwrap();
     assert_eq!(status, 200, "{what}: body {body}");
+}
+
+/// RFC 7009 revocation of `token` with a `token_type_hint`, which must answer 200.
+async fn revoke_hinted(
+    gw: &TestGateway,
+    client: (&str, &str),
+    token: &str,
+    hint: &str,
+    what: &str,
+) {
+    revoke_ok(
+        gw,
+        client,
+        &[("token", token), ("token_type_hint", hint)],
+        what,
+    )
+    .await;
 }
 
 /// `POST /api/oauth/introspect`: status, headers and JSON body.
@@ -201,10 +205,11 @@ async fn rfc7009_revoking_an_access_token_kills_it_at_once_and_spares_its_refres
     let alex = sign_in(&gw, APP, ALEX).await;
     assert_live(&gw, &alex.access, "before revocation").await;
 
-    revoke_ok(
+    revoke_hinted(
         &gw,
         APP,
-        &[("token", &alex.access), ("token_type_hint", "access_token")],
+        &alex.access,
+        "access_token",
         "revoke access token",
     )
     .await;
@@ -217,13 +222,11 @@ async fn rfc7009_revoking_an_access_token_kills_it_at_once_and_spares_its_refres
 
     // RFC 7009 §2.1: a wrong hint only widens the search; the token is still revoked.
     let other = sign_in(&gw, APP, ALEX).await;
-    revoke_ok(
+    revoke_hinted(
         &gw,
         APP,
-        &[
-            ("token", &other.access),
-            ("token_type_hint", "refresh_token"),
-        ],
+        &other.access,
+        "refresh_token",
         "revoke access token with a refresh_token hint",
     )
     .await;
@@ -245,13 +248,11 @@ async fn rfc7009_revoking_a_refresh_token_kills_its_whole_grant() {
     assert_live(&gw, &first.access, "original access token").await;
     assert_live(&gw, &second.access, "rotated access token").await;
 
-    revoke_ok(
+    revoke_hinted(
         &gw,
         APP,
-        &[
-            ("token", &second.refresh),
-            ("token_type_hint", "refresh_token"),
-        ],
+        &second.refresh,
+        "refresh_token",
         "revoke refresh token",
     )
     .await;
@@ -288,13 +289,11 @@ async fn rfc7009_unknown_tokens_and_other_clients_tokens_answer_200_and_change_n
     let alex = sign_in(&gw, APP, ALEX).await;
     // SERVICE and SHORT are authenticated, but the tokens are APP's (RFC 7009 §2.1).
     revoke_ok(&gw, SERVICE, &[("token", &alex.access)], "foreign access").await;
-    revoke_ok(
+    revoke_hinted(
         &gw,
         SHORT,
-        &[
-            ("token", &alex.refresh),
-            ("token_type_hint", "refresh_token"),
-        ],
+        &alex.refresh,
+        "refresh_token",
         "foreign refresh",
     )
     .await;
@@ -512,8 +511,7 @@ async fn expiring_another_user_needs_an_admin_role() {
     let service = gw
         .token_request(Some(SERVICE), &[("grant_type", "client_credentials")])
         .await;
-    assert_eq!(service.status(), 200);
-    let service = Tokens::from_body(service.json().await.unwrap());
+    let service = Tokens::from_body(json_ok(service).await);
     let response = expire(&gw, EXPIRE_ME, &service.access).await;
     expect_error(response, 400, "invalid_request").await;
     assert_live(&gw, &service.access, "client-credentials token").await;
@@ -742,16 +740,7 @@ async fn a_full_table_answers_503_until_revocation_makes_room() {
     let b = sign_in(&gw, APP, ADMIN).await;
     let c = sign_in(&gw, APP, ALEX).await;
 
-    let full = gw
-        .token_request(
-            Some(APP),
-            &[
-                ("grant_type", "password"),
-                ("username", ALEX.0),
-                ("password", ALEX.1),
-            ],
-        )
-        .await;
+    let full = gw.token_request(Some(APP), &password_form(ALEX, &[])).await;
     expect_error(full, 503, "temporarily_unavailable").await;
     let full = refresh(&gw, APP, &c.refresh).await;
     expect_error(full, 503, "temporarily_unavailable").await;
@@ -780,16 +769,7 @@ async fn the_table_never_holds_more_than_max_live_tokens() {
     sign_in(&gw, APP, ALEX).await;
     sign_in(&gw, APP, ADMIN).await;
     assert_eq!(table(), 4);
-    let third = gw
-        .token_request(
-            Some(APP),
-            &[
-                ("grant_type", "password"),
-                ("username", ALEX.0),
-                ("password", ALEX.1),
-            ],
-        )
-        .await;
+    let third = gw.token_request(Some(APP), &password_form(ALEX, &[])).await;
     let status = third.status();
     assert!(
         table() <= 5,
@@ -826,169 +806,12 @@ async fn a_sign_in_beyond_max_families_per_user_revokes_the_oldest() {
 // ---------------------------------------------------------------------------------------
 // The snapshot across restarts of the real binary
 
-const BIN: &str = env!("CARGO_BIN_EXE_covata-gateway");
-
-/// Removes ANSI escape sequences, in case the log is coloured anyway.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c != '\u{1b}' {
-            out.push(c);
-            continue;
-        }
-        if chars.next() == Some('[') {
-            for c in chars.by_ref() {
-                if ('@'..='~').contains(&c) {
-                    break;
-                }
-            }
-        }
-    }
-    out
-}
-
-/// A gateway process; killed when dropped, so a failing test leaves no child behind.
-struct Process {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-    eof: Arc<AtomicBool>,
-}
-
-impl Process {
-    fn spawn(config: &Path) -> Process {
-        let mut child = Command::new(BIN)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let log: Arc<Mutex<Vec<String>>> = Arc::default();
-        let eof: Arc<AtomicBool> = Arc::default();
-        let (lines, done) = (log.clone(), eof.clone());
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                lines.lock().unwrap().push(strip_ansi(&line));
-            }
-            done.store(true, Ordering::SeqCst);
-        });
-        Process { child, log, eof }
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    fn find_log(&self, needle: &str) -> Option<String> {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|l| l.contains(needle))
-            .cloned()
-    }
-
-    /// The TLS address from the `covata-gateway serving listen=...` line.
-    async fn listen_addr(&self) -> SocketAddr {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let line = loop {
-            if let Some(line) = self.find_log("covata-gateway serving") {
-                break line;
-            }
-            let ended = self.eof.load(Ordering::SeqCst);
-            assert!(
-                !ended && Instant::now() < deadline,
-                "the gateway did not start; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        line.split(" listen=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("no listen=ADDR in `{line}`"))
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{name}"), self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{name} failed");
-    }
-
-    async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "still running; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// SIGTERM, then the exit status and the whole log.
-    async fn terminate(mut self) -> (ExitStatus, String) {
-        self.signal("TERM");
-        let status = self.wait_exit(Duration::from_secs(10)).await;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !self.eof.load(Ordering::SeqCst) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        (status, self.log_text())
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-fn url(addr: SocketAddr, path: &str) -> String {
-    format!("https://127.0.0.1:{}{}", addr.port(), path)
-}
-
 async fn process_sign_in(client: &reqwest::Client, addr: SocketAddr, user: (&str, &str)) -> Tokens {
-    let response = client
-        .post(url(addr, "/api/oauth/token"))
-        .basic_auth(APP.0, Some(APP.1))
-        .form(&[
-            ("grant_type", "password"),
-            ("username", user.0),
-            ("password", user.1),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "password grant for {}", user.0);
-    Tokens::from_body(response.json().await.unwrap())
+    Tokens::from_body(granted(client, addr, user).await)
 }
 
 async fn process_api(client: &reqwest::Client, addr: SocketAddr, token: &str) -> u16 {
-    client
-        .get(url(addr, "/api/v1/things"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    api_status(client, addr, "/api/v1/things", token).await
 }
 
 async fn process_refresh(client: &reqwest::Client, addr: SocketAddr, token: &str) -> Response {
@@ -1081,12 +904,9 @@ async fn the_snapshot_keeps_tokens_and_revocations_across_a_restart_and_a_corrup
     let gw = Process::spawn(&config);
     let addr = gw.listen_addr().await;
     let complaint = gw
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|l| l.contains("ERROR") && l.contains("snapshot"))
-        .cloned();
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("ERROR") && l.contains("snapshot"));
     assert!(
         complaint.is_some(),
         "no error about the snapshot; log:\n{}",
@@ -1147,7 +967,7 @@ async fn the_snapshot_is_also_written_periodically_so_a_crash_loses_little() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     gw.signal("KILL");
-    gw.wait_exit(Duration::from_secs(5)).await;
+    gw.exited(Duration::from_secs(5)).await;
 
     let gw = Process::spawn(&config);
     let addr = gw.listen_addr().await;

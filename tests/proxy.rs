@@ -4,18 +4,15 @@
 //! HTTPS clients.
 
 mod common;
+use common::raw::{client_tls, tls_connect};
 use common::*;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use reqwest::header::HeaderMap;
 use reqwest::{Response, StatusCode, Version};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 
 /// Parses the upstream's JSON description of what it received; the request must have
@@ -28,21 +25,6 @@ async fn seen(response: Response) -> Value {
         "not the upstream's answer: {body}"
     );
     body
-}
-
-/// Every value of header `name` the upstream received (empty when absent).
-fn received<'a>(seen: &'a Value, name: &str) -> Vec<&'a str> {
-    seen["headers"][name]
-        .as_array()
-        .map(|values| values.iter().map(|v| v.as_str().unwrap()).collect())
-        .unwrap_or_default()
-}
-
-fn challenge(headers: &HeaderMap) -> String {
-    headers
-        .get("www-authenticate")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
 }
 
 /// Asserts a 401 `invalid_token` answer from the gateway itself.
@@ -68,22 +50,7 @@ async fn expect_missing_token(response: Response) {
 /// A raw HTTP/1.1 GET over TLS with exactly this request target, so that no client
 /// library normalises `..`, `%2e%2e` or `//` before the gateway sees it.
 async fn raw_get(gw: &TestGateway, target: &str, token: Option<&str>) -> (StatusCode, Value) {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(gw.ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let name = ServerName::try_from("127.0.0.1").unwrap();
-    let tls = connector.connect(name, tcp).await.unwrap();
+    let tls = tls_connect(gw.addr, client_tls(&[&gw.ca_pem], &[b"http/1.1"])).await;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
@@ -105,25 +72,6 @@ async fn raw_get(gw: &TestGateway, target: &str, token: Option<&str>) -> (Status
     let json = serde_json::from_slice(&body)
         .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&body)));
     (status, json)
-}
-
-/// A password grant through `APP` asking for `scope`; returns the access token.
-async fn token_with_scope(gw: &TestGateway, user: (&str, &str), scope: &str) -> String {
-    let response = gw
-        .token_request(
-            Some(APP),
-            &[
-                ("grant_type", "password"),
-                ("username", user.0),
-                ("password", user.1),
-                ("scope", scope),
-            ],
-        )
-        .await;
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["scope"], scope, "{body}");
-    body["access_token"].as_str().unwrap().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,8 +144,7 @@ async fn a_token_without_a_user_cannot_borrow_one() {
     let response = gw
         .token_request(Some(SERVICE), &[("grant_type", "client_credentials")])
         .await;
-    assert_eq!(response.status(), 200);
-    let grant: Value = response.json().await.unwrap();
+    let grant = json_ok(response).await;
     let token = grant["access_token"].as_str().unwrap();
     for client in [&gw.http1, &gw.http2] {
         let response = client
@@ -269,12 +216,7 @@ async fn forward_authorization_route_passes_the_bearer_token() {
     let gw = TestGateway::start().await;
     let token = gw.alex_token().await;
     for client in [&gw.http1, &gw.http2] {
-        let response = client
-            .get(gw.url("/api/v1/forward/x"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let response = gw.bearer_get(client, "/api/v1/forward/x", &token).await;
         let forwarded = seen(response).await;
         assert_eq!(
             received(&forwarded, "authorization"),
@@ -282,12 +224,7 @@ async fn forward_authorization_route_passes_the_bearer_token() {
         );
         assert_eq!(received(&forwarded, "x-authenticated-user"), [ALEX.0]);
         // A route without the flag keeps the token to itself.
-        let response = client
-            .get(gw.url("/api/v1/other/x"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let response = gw.bearer_get(client, "/api/v1/other/x", &token).await;
         assert!(received(&seen(response).await, "authorization").is_empty());
     }
     gw.stop().await;
@@ -313,12 +250,9 @@ async fn five_mebibytes_stream_through_both_ways() {
         assert_eq!(body.len(), N, "{version:?}: echoed length");
         assert!(body[..] == expected[..], "{version:?}: echoed bytes differ");
 
-        let response = client
-            .get(gw.url(&format!("/api/v1/bytes/{N}")))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let response = gw
+            .bearer_get(client, &format!("/api/v1/bytes/{N}"), &token)
+            .await;
         assert_eq!(response.status(), 200, "{version:?}");
         let body = response.bytes().await.unwrap();
         assert_eq!(body.len(), N, "{version:?}: downloaded length");
@@ -422,18 +356,10 @@ async fn an_expired_access_token_is_invalid() {
 async fn roles_and_scopes_are_enforced() {
     let gw = TestGateway::start().await;
     let alex = gw.alex_token().await;
-    let admin = gw.password_grant(APP, ADMIN).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let admin = gw.access_token(ADMIN).await;
 
     for client in [&gw.http1, &gw.http2] {
-        let response = client
-            .get(gw.url("/api/v1/admin/x"))
-            .bearer_auth(&alex)
-            .send()
-            .await
-            .unwrap();
+        let response = gw.bearer_get(client, "/api/v1/admin/x", &alex).await;
         let www = challenge(response.headers());
         assert!(
             www.starts_with("Bearer realm=\"covata-gateway\"")
@@ -442,12 +368,7 @@ async fn roles_and_scopes_are_enforced() {
         );
         expect_error(response, 403, "insufficient_scope").await;
 
-        let response = client
-            .get(gw.url("/api/v1/admin/x"))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap();
+        let response = gw.bearer_get(client, "/api/v1/admin/x", &admin).await;
         let seen = seen(response).await;
         assert_eq!(seen["path"], "/api/v1/admin/x");
         assert_eq!(
@@ -456,38 +377,22 @@ async fn roles_and_scopes_are_enforced() {
         );
     }
 
-    let read = token_with_scope(&gw, ALEX, "read").await;
-    let response = gw
-        .http1
-        .get(gw.url("/api/v1/scoped/x"))
-        .bearer_auth(&read)
-        .send()
-        .await
-        .unwrap();
+    let read = gw.token_with_scope(ALEX, "read").await;
+    let response = gw.bearer_get(&gw.http1, "/api/v1/scoped/x", &read).await;
     let www = challenge(response.headers());
     assert!(www.contains("error=\"insufficient_scope\""), "{www:?}");
     expect_error(response, 403, "insufficient_scope").await;
     // The read-only token is fine where no scope is required.
-    let response = gw
-        .http1
-        .get(gw.url("/api/v1/objects"))
-        .bearer_auth(&read)
-        .send()
-        .await
-        .unwrap();
+    let response = gw.bearer_get(&gw.http1, "/api/v1/objects", &read).await;
     assert_eq!(
         received(&seen(response).await, "x-authenticated-scope"),
         ["read"]
     );
 
-    let read_write = token_with_scope(&gw, ALEX, "read write").await;
+    let read_write = gw.token_with_scope(ALEX, "read write").await;
     let response = gw
-        .http2
-        .get(gw.url("/api/v1/scoped/x"))
-        .bearer_auth(&read_write)
-        .send()
-        .await
-        .unwrap();
+        .bearer_get(&gw.http2, "/api/v1/scoped/x", &read_write)
+        .await;
     let seen = seen(response).await;
     assert_eq!(seen["path"], "/api/v1/scoped/x");
     assert_eq!(received(&seen, "x-authenticated-scope"), ["read write"]);
@@ -528,12 +433,7 @@ async fn public_route_only_for_its_method_and_no_route_is_404() {
         assert_eq!(seen(response).await["method"], "POST");
 
         for path in ["/nothing/here", "/api/v2/objects", "/"] {
-            let response = client
-                .get(gw.url(path))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap();
+            let response = gw.bearer_get(client, path, &token).await;
             expect_error(response, 404, "not_found").await;
         }
     }
@@ -544,10 +444,7 @@ async fn public_route_only_for_its_method_and_no_route_is_404() {
 async fn unsafe_paths_are_refused_and_paths_are_normalised() {
     let gw = TestGateway::start().await;
     let alex = gw.alex_token().await;
-    let admin = gw.password_grant(APP, ADMIN).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let admin = gw.access_token(ADMIN).await;
 
     for target in [
         "/api/v1/../admin/x",
@@ -626,12 +523,7 @@ upstream = "http://127.0.0.1:{closed}"
     let gw = TestGateway::start_with("", &extra).await;
     let token = gw.alex_token().await;
     for client in [&gw.http1, &gw.http2] {
-        let response = client
-            .get(gw.url("/api/v1/down/x"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let response = gw.bearer_get(client, "/api/v1/down/x", &token).await;
         expect_error(response, 502, "bad_gateway").await;
         let response = client
             .post(gw.url("/api/v1/down/x"))
@@ -641,12 +533,7 @@ upstream = "http://127.0.0.1:{closed}"
             .await
             .unwrap();
         expect_error(response, 502, "bad_gateway").await;
-        let response = client
-            .get(gw.url("/api/v1/objects"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let response = gw.bearer_get(client, "/api/v1/objects", &token).await;
         assert_eq!(seen(response).await["path"], "/api/v1/objects");
     }
     gw.stop().await;
@@ -669,12 +556,9 @@ response_timeout = "300ms"
     let token = gw.alex_token().await;
     for client in [&gw.http1, &gw.http2] {
         let started = Instant::now();
-        let response = client
-            .get(gw.url("/api/v1/slowroute/slow/2000"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let response = gw
+            .bearer_get(client, "/api/v1/slowroute/slow/2000", &token)
+            .await;
         let elapsed = started.elapsed();
         expect_error(response, 504, "gateway_timeout").await;
         assert!(
@@ -682,19 +566,13 @@ response_timeout = "300ms"
             "answered after {elapsed:?}"
         );
         // Fast enough on the same route, and the default route is unaffected.
-        let response = client
-            .get(gw.url("/api/v1/slowroute/slow/10"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let response = gw
+            .bearer_get(client, "/api/v1/slowroute/slow/10", &token)
+            .await;
         assert_eq!(seen(response).await["path"], "/api/v1/slowroute/slow/10");
-        let response = client
-            .get(gw.url("/api/v1/objects/slow/600"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let response = gw
+            .bearer_get(client, "/api/v1/objects/slow/600", &token)
+            .await;
         assert_eq!(seen(response).await["path"], "/api/v1/objects/slow/600");
     }
     gw.stop().await;
@@ -706,13 +584,7 @@ async fn admin_listener_serves_health_readiness_and_metrics() {
     let admin = |path: &str| format!("http://127.0.0.1:{}{path}", gw.admin.port());
     // One answered request of each of two classes, so the counters have something.
     let token = gw.alex_token().await;
-    let response = gw
-        .http1
-        .get(gw.url("/api/v1/objects"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = gw.bearer_get(&gw.http1, "/api/v1/objects", &token).await;
     seen(response).await;
     let response = gw
         .http1

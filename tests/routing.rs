@@ -36,13 +36,7 @@ use tokio::net::TcpListener;
 struct Named {
     addr: SocketAddr,
     hits: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Named {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _task: Task,
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -98,24 +92,23 @@ impl Named {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let counter = hits.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |r| {
-                        let counter = counter.clone();
-                        async move { Ok::<_, Infallible>(named_answer(name, counter, r).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+        let task = accept_loop(listener, move |stream| {
+            let counter = counter.clone();
+            async move {
+                let service = service_fn(move |r| {
+                    let counter = counter.clone();
+                    async move { Ok::<_, Infallible>(named_answer(name, counter, r).await) }
                 });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             }
         });
-        Named { addr, hits, task }
+        Named {
+            addr,
+            hits,
+            _task: task,
+        }
     }
 
     fn hits(&self) -> usize {
@@ -193,33 +186,6 @@ fn who(seen: &Value) -> &str {
     seen["upstream"].as_str().unwrap()
 }
 
-fn challenge(response: &reqwest::Response) -> String {
-    response
-        .headers()
-        .get("www-authenticate")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default()
-}
-
-/// A password grant through `APP` asking for `scope`; returns the access token.
-async fn token_with_scope(gw: &TestGateway, user: (&str, &str), scope: &str) -> String {
-    let response = gw
-        .token_request(
-            Some(APP),
-            &[
-                ("grant_type", "password"),
-                ("username", user.0),
-                ("password", user.1),
-                ("scope", scope),
-            ],
-        )
-        .await;
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["scope"], scope, "{body}");
-    body["access_token"].as_str().unwrap().to_owned()
-}
-
 /// `n` bytes that differ from request to request (`seed`).
 fn payload(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
@@ -268,12 +234,7 @@ async fn content_and_access_service_paths_reach_their_own_upstream() {
     ];
     for (client, version) in [(&gw.http1, Version::HTTP_11), (&gw.http2, Version::HTTP_2)] {
         for (path, expected) in cases {
-            let response = client
-                .get(gw.url(&format!("{path}?x=1")))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap();
+            let response = gw.bearer_get(client, &format!("{path}?x=1"), &token).await;
             assert_eq!(response.version(), version);
             let seen = reached(response, path).await;
             assert_eq!(who(&seen), expected, "{path} ({version:?}): {seen}");
@@ -288,12 +249,8 @@ async fn content_and_access_service_paths_reach_their_own_upstream() {
 
     // Outside every route: 404 JSON from the gateway, nothing forwarded.
     let response = gw
-        .http1
-        .get(gw.url("/api/v2/objects/42/contents"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+        .bearer_get(&gw.http1, "/api/v2/objects/42/contents", &token)
+        .await;
     expect_error(response, 404, "not_found").await;
     assert_eq!(a.hits() + b.hits(), 2 * cases.len());
 }
@@ -331,13 +288,7 @@ async fn the_first_route_in_file_order_wins_across_trie_branches() {
         ("/api/v1/deep/a/b/c", "A"),
         ("/api/v1/deep/a", "A"),
     ] {
-        let response = gw
-            .http1
-            .get(gw.url(path))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let response = gw.bearer_get(&gw.http1, path, &token).await;
         let seen = reached(response, path).await;
         assert_eq!(who(&seen), expected, "{path}: {seen}");
     }
@@ -377,7 +328,7 @@ async fn a_public_route_needs_no_token_but_only_for_its_methods_and_path() {
             .await
             .unwrap();
         assert_eq!(
-            challenge(&response),
+            challenge(response.headers()),
             "Bearer realm=\"covata-gateway\"",
             "{method} {path}"
         );
@@ -418,21 +369,12 @@ async fn role_and_scope_limited_routes() {
     .concat();
     let gw = gateway(&a, "", &routes).await;
     let alex = gw.alex_token().await;
-    let admin = gw.password_grant(APP, ADMIN).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let admin = gw.access_token(ADMIN).await;
 
     // Zero rest segments are inside the route too: no falling through to the catch-all.
     for path in ["/api/v1/clientapps", "/api/v1/clientapps/exampleApp"] {
-        let response = gw
-            .http1
-            .get(gw.url(path))
-            .bearer_auth(&alex)
-            .send()
-            .await
-            .unwrap();
-        let www = challenge(&response);
+        let response = gw.bearer_get(&gw.http1, path, &alex).await;
+        let www = challenge(response.headers());
         assert!(
             www.starts_with("Bearer realm=\"covata-gateway\"")
                 && www.contains("error=\"insufficient_scope\""),
@@ -443,12 +385,8 @@ async fn role_and_scope_limited_routes() {
     assert_eq!(a.hits() + b.hits(), 0, "a refused request is not forwarded");
 
     let response = gw
-        .http2
-        .get(gw.url("/api/v1/clientapps/exampleApp"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap();
+        .bearer_get(&gw.http2, "/api/v1/clientapps/exampleApp", &admin)
+        .await;
     let seen = reached(response, "admin").await;
     assert_eq!(who(&seen), "B");
     assert_eq!(seen["headers"]["x-authenticated-user"], ADMIN.0);
@@ -459,8 +397,8 @@ async fn role_and_scope_limited_routes() {
     assert_eq!(b.hits(), 1);
 
     // scopes = ["write"]: "read" is not enough, "read write" is.
-    let read = token_with_scope(&gw, ALEX, "read").await;
-    let read_write = token_with_scope(&gw, ALEX, "read write").await;
+    let read = gw.token_with_scope(ALEX, "read").await;
+    let read_write = gw.token_with_scope(ALEX, "read write").await;
     let response = gw
         .http1
         .put(gw.url("/api/v1/writes/1"))
@@ -469,7 +407,7 @@ async fn role_and_scope_limited_routes() {
         .send()
         .await
         .unwrap();
-    assert!(challenge(&response).contains("error=\"insufficient_scope\""));
+    assert!(challenge(response.headers()).contains("error=\"insufficient_scope\""));
     expect_error(response, 403, "insufficient_scope").await;
     assert_eq!(b.hits(), 1);
     let response = gw
@@ -588,13 +526,7 @@ async fn a_host_limited_route_matches_the_host_without_its_port() {
     let seen = reached(response, "h2 content.example").await;
     assert_eq!(who(&seen), "B", "{seen}");
     assert_eq!(b.hits(), 4);
-    let response = gw
-        .http2
-        .get(gw.url("/api/v1/objects/1"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = gw.bearer_get(&gw.http2, "/api/v1/objects/1", &token).await;
     assert_eq!(who(&reached(response, "h2 127.0.0.1").await), "A");
 }
 
@@ -637,26 +569,14 @@ async fn strip_prefix_and_add_prefix_rewrite_the_forwarded_path() {
         ("/prefixed/x", "/svc/x", None),
         ("/prefixed", "/svc/", None),
     ] {
-        let response = gw
-            .http1
-            .get(gw.url(target))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let response = gw.bearer_get(&gw.http1, target, &token).await;
         let seen = reached(response, target).await;
         assert_eq!(who(&seen), "B", "{target}: {seen}");
         assert_eq!(seen["path"], path, "{target}: {seen}");
         assert_eq!(seen["query"].as_str(), query, "{target}: {seen}");
     }
     // A route without rewrite keys forwards the path untouched.
-    let response = gw
-        .http1
-        .get(gw.url("/api/v1/legacy/x"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = gw.bearer_get(&gw.http1, "/api/v1/legacy/x", &token).await;
     let seen = reached(response, "catch-all").await;
     assert_eq!(who(&seen), "A");
     assert_eq!(seen["path"], "/api/v1/legacy/x");
@@ -676,12 +596,9 @@ async fn several_addresses_are_taken_in_turn() {
     let mut order = Vec::new();
     for i in 0..10 {
         let client = if i % 3 == 0 { &gw.http2 } else { &gw.http1 };
-        let response = client
-            .get(gw.url(&format!("/api/v1/rr/{i}")))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let response = gw
+            .bearer_get(client, &format!("/api/v1/rr/{i}"), &token)
+            .await;
         let seen = reached(response, "round-robin").await;
         assert_eq!(seen["path"], format!("/api/v1/rr/{i}"));
         order.push(who(&seen).to_owned());
@@ -739,12 +656,8 @@ async fn a_dead_address_is_retried_past_and_then_skipped_during_the_cooldown() {
     let mut requests = 1;
     for i in 0..10 {
         let response = gw
-            .http1
-            .get(gw.url(&format!("/api/v1/failover/get/{i}")))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+            .bearer_get(&gw.http1, &format!("/api/v1/failover/get/{i}"), &token)
+            .await;
         assert_eq!(who(&reached(response, "GET").await), "A");
         requests += 1;
     }
@@ -858,12 +771,8 @@ async fn all_addresses_dead_is_502_and_the_gateway_carries_on() {
     let started = Instant::now();
     for i in 0..3 {
         let response = gw
-            .http1
-            .get(gw.url(&format!("/api/v1/gone/{i}")))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+            .bearer_get(&gw.http1, &format!("/api/v1/gone/{i}"), &token)
+            .await;
         expect_error(response, 502, "bad_gateway").await;
         let response = gw
             .http2
@@ -875,13 +784,7 @@ async fn all_addresses_dead_is_502_and_the_gateway_carries_on() {
             .unwrap();
         expect_error(response, 502, "bad_gateway").await;
     }
-    let response = gw
-        .http1
-        .get(gw.url("/api/v1/single/x"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = gw.bearer_get(&gw.http1, "/api/v1/single/x", &token).await;
     expect_error(response, 502, "bad_gateway").await;
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -890,12 +793,7 @@ async fn all_addresses_dead_is_502_and_the_gateway_carries_on() {
     );
 
     for client in [&gw.http1, &gw.http2] {
-        let response = client
-            .get(gw.url("/api/v1/working"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let response = gw.bearer_get(client, "/api/v1/working", &token).await;
         assert_eq!(who(&reached(response, "working route").await), "A");
     }
     assert_eq!(a.hits(), 2);

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 
 use base64::Engine;
-use reqwest::header::{HeaderMap, CONTENT_TYPE};
+use reqwest::header::CONTENT_TYPE;
 use reqwest::{RequestBuilder, Response, Version};
 use serde_json::Value;
 
@@ -21,30 +21,25 @@ fn basic_value((id, secret): (&str, &str)) -> String {
     format!("Basic {}", b64(&format!("{id}:{secret}")))
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).map(|v| v.to_str().unwrap())
-}
-
-/// The password-grant form for `user`, plus `extra` parameters.
-fn password_form<'a>(
-    user: (&'a str, &'a str),
-    extra: &[(&'a str, &'a str)],
-) -> Vec<(&'a str, &'a str)> {
-    let mut form = vec![
-        ("grant_type", "password"),
-        ("username", user.0),
-        ("password", user.1),
-    ];
-    form.extend_from_slice(extra);
-    form
-}
-
 /// What a successful token response must hold besides the invariant members.
 struct Expect<'a> {
     what: &'a str,
     expires_in: u64,
     refresh: bool,
     scope: &'a str,
+}
+
+impl<'a> Expect<'a> {
+    /// What `APP` gets by default: an hour's access token, a refresh token, and all of
+    /// its scopes.
+    fn app(what: &'a str) -> Expect<'a> {
+        Expect {
+            what,
+            expires_in: 3600,
+            refresh: true,
+            scope: "read write",
+        }
+    }
 }
 
 /// Checks a 200 token response (RFC 6749 §5.1 + Covata's `jti`) and returns its body.
@@ -156,12 +151,7 @@ async fn refresh(
 
 /// `GET /api/v1/anything` with a bearer token.
 async fn api_call(gw: &TestGateway, token: &str) -> Response {
-    gw.http1
-        .get(gw.url("/api/v1/anything"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
+    gw.bearer_get(&gw.http1, "/api/v1/anything", token).await
 }
 
 /// The upstream's JSON echo of a successful API call.
@@ -186,12 +176,7 @@ async fn still_serves(gw: &TestGateway) {
     let response = gw.token_request(Some(APP), &password_form(ALEX, &[])).await;
     expect_tokens(
         response,
-        Expect {
-            what: "good password grant after the bad requests",
-            expires_in: 3600,
-            refresh: true,
-            scope: "read write",
-        },
+        Expect::app("good password grant after the bad requests"),
     )
     .await;
 }
@@ -201,16 +186,7 @@ async fn password_grant_success() {
     let gw = TestGateway::start().await;
 
     let response = gw.token_request(Some(APP), &password_form(ALEX, &[])).await;
-    let default = expect_tokens(
-        response,
-        Expect {
-            what: "APP, no scope requested",
-            expires_in: 3600,
-            refresh: true,
-            scope: "read write",
-        },
-    )
-    .await;
+    let default = expect_tokens(response, Expect::app("APP, no scope requested")).await;
 
     let response = gw
         .token_request(Some(APP), &password_form(ALEX, &[("scope", "read")]))
@@ -218,10 +194,8 @@ async fn password_grant_success() {
     let read = expect_tokens(
         response,
         Expect {
-            what: "APP, scope=read",
-            expires_in: 3600,
-            refresh: true,
             scope: "read",
+            ..Expect::app("APP, scope=read")
         },
     )
     .await;
@@ -288,16 +262,7 @@ async fn password_grant_with_covata_authentication_header() {
             .send()
             .await
             .unwrap();
-        let body = expect_tokens(
-            response,
-            Expect {
-                what,
-                expires_in: 3600,
-                refresh: true,
-                scope: "read write",
-            },
-        )
-        .await;
+        let body = expect_tokens(response, Expect::app(what)).await;
         let seen = api_ok(&gw, &str_member(&body, "access_token"), what).await;
         assert_eq!(
             seen["headers"]["x-authenticated-client"][0], APP.0,
@@ -335,16 +300,7 @@ async fn password_grant_over_http1_and_http2() {
             .await
             .unwrap();
         assert_eq!(response.version(), version, "protocol of the response");
-        let body = expect_tokens(
-            response,
-            Expect {
-                what: &what,
-                expires_in: 3600,
-                refresh: true,
-                scope: "read write",
-            },
-        )
-        .await;
+        let body = expect_tokens(response, Expect::app(&what)).await;
         // And an error over the same protocol is a proper RFC 6749 error too.
         let response = client
             .post(gw.url(TOKEN_PATH))
@@ -356,12 +312,13 @@ async fn password_grant_over_http1_and_http2() {
         assert_eq!(response.version(), version, "protocol of the error");
         expect_error(response, 400, "invalid_grant").await;
 
-        let response = client
-            .get(gw.url("/api/v1/anything"))
-            .bearer_auth(str_member(&body, "access_token"))
-            .send()
-            .await
-            .unwrap();
+        let response = gw
+            .bearer_get(
+                client,
+                "/api/v1/anything",
+                &str_member(&body, "access_token"),
+            )
+            .await;
         assert_eq!(response.status(), 200, "{what}: API call");
     }
     gw.stop().await;
@@ -376,12 +333,7 @@ async fn refresh_grant_issues_new_working_tokens() {
 
     let second = expect_tokens(
         refresh(&gw, APP, &first_refresh, None).await,
-        Expect {
-            what: "refresh",
-            expires_in: 3600,
-            refresh: true,
-            scope: "read write",
-        },
+        Expect::app("refresh"),
     )
     .await;
     let second_access = str_member(&second, "access_token");
@@ -409,12 +361,7 @@ async fn refresh_grant_issues_new_working_tokens() {
     // The rotated refresh token works in turn.
     let third = expect_tokens(
         refresh(&gw, APP, &second_refresh, None).await,
-        Expect {
-            what: "second refresh",
-            expires_in: 3600,
-            refresh: true,
-            scope: "read write",
-        },
+        Expect::app("second refresh"),
     )
     .await;
     api_ok(
@@ -451,10 +398,8 @@ async fn refresh_grant_narrows_scope_and_refuses_widening() {
     let narrowed = expect_tokens(
         refresh(&gw, APP, &first_refresh, Some("read")).await,
         Expect {
-            what: "refresh with scope=read",
-            expires_in: 3600,
-            refresh: true,
             scope: "read",
+            ..Expect::app("refresh with scope=read")
         },
     )
     .await;
@@ -467,12 +412,12 @@ async fn refresh_grant_narrows_scope_and_refuses_widening() {
     assert_eq!(seen["headers"]["x-authenticated-scope"][0], "read");
     // The narrowed token lacks `write`, which /api/v1/scoped/** requires.
     let response = gw
-        .http1
-        .get(gw.url("/api/v1/scoped/x"))
-        .bearer_auth(str_member(&narrowed, "access_token"))
-        .send()
-        .await
-        .unwrap();
+        .bearer_get(
+            &gw.http1,
+            "/api/v1/scoped/x",
+            &str_member(&narrowed, "access_token"),
+        )
+        .await;
     assert_eq!(response.status(), 403, "narrowed token on a write route");
 
     // RFC 6749 §6: the scope of the original grant carries on; the next refresh may
@@ -486,10 +431,8 @@ async fn refresh_grant_narrows_scope_and_refuses_widening() {
         )
         .await,
         Expect {
-            what: "refresh back to the original scope",
-            expires_in: 3600,
-            refresh: true,
             scope: "write read",
+            ..Expect::app("refresh back to the original scope")
         },
     )
     .await;
@@ -513,12 +456,7 @@ async fn reused_refresh_token_revokes_the_whole_family() {
 
     let rotated = expect_tokens(
         refresh(&gw, APP, &first_refresh, None).await,
-        Expect {
-            what: "rotation",
-            expires_in: 3600,
-            refresh: true,
-            scope: "read write",
-        },
+        Expect::app("rotation"),
     )
     .await;
     let rotated_access = str_member(&rotated, "access_token");
@@ -571,12 +509,7 @@ async fn reused_refresh_token_revokes_the_whole_family() {
     api_ok(&gw, &str_member(&other, "access_token"), "unrelated grant").await;
     expect_tokens(
         refresh(&gw, APP, &str_member(&other, "refresh_token"), None).await,
-        Expect {
-            what: "refresh of an unrelated grant",
-            expires_in: 3600,
-            refresh: true,
-            scope: "read write",
-        },
+        Expect::app("refresh of an unrelated grant"),
     )
     .await;
     gw.stop().await;
@@ -615,12 +548,7 @@ async fn refresh_token_of_another_client_is_invalid_grant() {
     .await;
     expect_tokens(
         refresh(&gw, APP, &app_refresh, None).await,
-        Expect {
-            what: "APP refreshing its own token",
-            expires_in: 3600,
-            refresh: true,
-            scope: "read write",
-        },
+        Expect::app("APP refreshing its own token"),
     )
     .await;
     gw.stop().await;
@@ -659,8 +587,7 @@ async fn client_credentials_grant_has_no_user_and_no_refresh_token() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200);
-    let seen: Value = response.json().await.unwrap();
+    let seen = json_ok(response).await;
     let upstream_headers = seen["headers"].as_object().unwrap();
     assert_eq!(seen["headers"]["x-authenticated-client"][0], SERVICE.0);
     assert!(
@@ -1011,12 +938,7 @@ async fn rfc6749_errors_for_bad_requests() {
     // APP's refresh token was presented by NOREFRESH above; it is still good for APP.
     expect_tokens(
         refresh(&gw, APP, &app_refresh, None).await,
-        Expect {
-            what: "APP's refresh token after the bad requests",
-            expires_in: 3600,
-            refresh: true,
-            scope: "read write",
-        },
+        Expect::app("APP's refresh token after the bad requests"),
     )
     .await;
     still_serves(&gw).await;
@@ -1271,16 +1193,7 @@ async fn oversized_bodies_get_413() {
         .send()
         .await
         .unwrap();
-    expect_tokens(
-        response,
-        Expect {
-            what: "a form of exactly 64 KiB",
-            expires_in: 3600,
-            refresh: true,
-            scope: "read write",
-        },
-    )
-    .await;
+    expect_tokens(response, Expect::app("a form of exactly 64 KiB")).await;
 
     still_serves(&gw).await;
     gw.stop().await;

@@ -1,8 +1,15 @@
 //! Test harness: the real gateway on `127.0.0.1:0` with a certificate made at test time,
 //! a real upstream (a small hyper server), and real HTTPS clients (reqwest over rustls).
+//!
+//! Each file in `tests/` is its own crate and uses only part of this module, hence the
+//! `allow(dead_code)`, which also covers the submodules.
 #![allow(dead_code)]
 
+pub mod process;
+pub mod raw;
+
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,8 +22,9 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use reqwest::header::HeaderMap;
 use serde_json::Value;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 pub const ALEX: (&str, &str) = ("alex@example.com", "alex-password");
 pub const ADMIN: (&str, &str) = ("admin@example.com", "admin-password");
@@ -34,18 +42,38 @@ pub fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i % 251) as u8).collect()
 }
 
+/// A task aborted on drop, so a failed test leaves no server behind.
+pub struct Task(pub tokio::task::JoinHandle<()>);
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Accepts connections on `listener` until the returned task is dropped, each one
+/// handled by `serve` on a task of its own.
+pub fn accept_loop<F, Fut>(listener: TcpListener, serve: F) -> Task
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    Task(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(serve(stream));
+        }
+    }))
+}
+
 /// A real upstream: `/.../echo` streams the request body back; `/.../bytes/{n}` answers
 /// `n` patterned bytes; `/.../slow/{ms}` waits first; anything else answers JSON with
 /// what it received (method, path, query, headers).
 pub struct Upstream {
     pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _task: Task,
 }
 
 async fn upstream_answer(
@@ -99,23 +127,14 @@ impl Upstream {
     pub async fn start() -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let service =
-                        service_fn(
-                            |r| async move { Ok::<_, Infallible>(upstream_answer(r).await) },
-                        );
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
+        let task = accept_loop(listener, |stream| async move {
+            let service =
+                service_fn(|r| async move { Ok::<_, Infallible>(upstream_answer(r).await) });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
-        Upstream { addr, task }
+        Upstream { addr, _task: task }
     }
 }
 
@@ -130,7 +149,8 @@ pub fn write_certificate(dir: &std::path::Path, cert: &str, key: &str) -> String
     pem
 }
 
-fn hash(secret: &str) -> String {
+/// A PHC hash of `secret` with the fast test parameters, for `[[users]]` and `[[clients]]`.
+pub fn password_hash(secret: &str) -> String {
     hash_password_with(secret, TEST_PARAMS).unwrap()
 }
 
@@ -217,18 +237,39 @@ path = "/api/v1/**"
 upstream = "http://{upstream}"
 "#,
         app = APP.0,
-        app_hash = hash(APP.1),
+        app_hash = password_hash(APP.1),
         noref = NOREFRESH.0,
-        noref_hash = hash(NOREFRESH.1),
+        noref_hash = password_hash(NOREFRESH.1),
         short = SHORT.0,
-        short_hash = hash(SHORT.1),
+        short_hash = password_hash(SHORT.1),
         service = SERVICE.0,
-        service_hash = hash(SERVICE.1),
+        service_hash = password_hash(SERVICE.1),
         alex = ALEX.0,
-        alex_hash = hash(ALEX.1),
+        alex_hash = password_hash(ALEX.1),
         admin = ADMIN.0,
-        admin_hash = hash(ADMIN.1),
+        admin_hash = password_hash(ADMIN.1),
     )
+}
+
+/// Adds lines to the `[server]` table of the standard configuration text.
+pub fn with_server_keys(text: &str, lines: &str) -> String {
+    let anchor = "shutdown_grace = \"5s\"";
+    assert!(text.contains(anchor));
+    text.replacen(anchor, &format!("{anchor}\n{lines}"), 1)
+}
+
+/// The password-grant form for `user`, plus `extra` parameters.
+pub fn password_form<'a>(
+    user: (&'a str, &'a str),
+    extra: &[(&'a str, &'a str)],
+) -> Vec<(&'a str, &'a str)> {
+    let mut form = vec![
+        ("grant_type", "password"),
+        ("username", user.0),
+        ("password", user.1),
+    ];
+    form.extend_from_slice(extra);
+    form
 }
 
 /// A running gateway and clients that trust its certificate.
@@ -333,22 +374,46 @@ impl TestGateway {
     /// A password grant that must succeed; returns the JSON body.
     pub async fn password_grant(&self, client: (&str, &str), user: (&str, &str)) -> Value {
         let response = self
-            .token_request(
-                Some(client),
-                &[
-                    ("grant_type", "password"),
-                    ("username", user.0),
-                    ("password", user.1),
-                ],
-            )
+            .token_request(Some(client), &password_form(user, &[]))
             .await;
         assert_eq!(response.status(), 200, "password grant failed");
         response.json().await.unwrap()
     }
 
+    /// A password grant through `APP` asking for `scope`; returns the access token.
+    pub async fn token_with_scope(&self, user: (&str, &str), scope: &str) -> String {
+        let response = self
+            .token_request(Some(APP), &password_form(user, &[("scope", scope)]))
+            .await;
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["scope"], scope, "{body}");
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// `GET path` through `client` with a bearer token.
+    pub async fn bearer_get(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        token: &str,
+    ) -> reqwest::Response {
+        client
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// An access token for alex through the `app` client.
     pub async fn alex_token(&self) -> String {
-        self.password_grant(APP, ALEX).await["access_token"]
+        self.access_token(ALEX).await
+    }
+
+    /// An access token for `user` through the `app` client.
+    pub async fn access_token(&self, user: (&str, &str)) -> String {
+        self.password_grant(APP, user).await["access_token"]
             .as_str()
             .unwrap()
             .to_owned()
@@ -376,6 +441,12 @@ impl Drop for TestGateway {
     }
 }
 
+/// Asserts a 200 answer and returns its JSON body.
+pub async fn json_ok(response: reqwest::Response) -> Value {
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
 /// Asserts an OAuth-style JSON error and returns the body.
 pub async fn expect_error(response: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(response.status(), status, "status for {code}");
@@ -399,10 +470,45 @@ pub async fn expect_error(response: reqwest::Response, status: u16, code: &str) 
 
 /// A streaming request body of `n` patterned bytes in 64 KiB chunks.
 pub fn streamed_body(n: usize) -> reqwest::Body {
+    chunked_body(n, 64 * 1024)
+}
+
+/// A streamed (chunked) body of `n` patterned bytes in `chunk`-byte pieces.
+pub fn chunked_body(n: usize, chunk: usize) -> reqwest::Body {
     let data = pattern(n);
     let chunks: Vec<Result<Bytes, std::io::Error>> = data
-        .chunks(64 * 1024)
+        .chunks(chunk)
         .map(|c| Ok(Bytes::copy_from_slice(c)))
         .collect();
     reqwest::Body::wrap_stream(futures_util::stream::iter(chunks))
+}
+
+/// The value of header `name`, if present (and text).
+pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).map(|v| v.to_str().unwrap())
+}
+
+/// The `WWW-Authenticate` value, empty when absent.
+pub fn challenge(headers: &HeaderMap) -> String {
+    headers
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+/// Every value of header `name` the standard upstream received, from its JSON answer
+/// (empty when absent).
+pub fn received<'a>(seen: &'a Value, name: &str) -> Vec<&'a str> {
+    seen["headers"][name]
+        .as_array()
+        .map(|values| values.iter().map(|v| v.as_str().unwrap()).collect())
+        .unwrap_or_default()
+}
+
+/// The PKCE S256 code challenge for `verifier` (RFC 7636 §4.2).
+pub fn pkce_challenge(verifier: &str) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(sha2::Sha256::digest(verifier.as_bytes()))
 }
