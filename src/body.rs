@@ -1,7 +1,7 @@
 //! The response body type shared by the gateway's own answers and proxied ones.
 //!
-//! An `Either` rather than a boxed body: the proxied side stays hyper's `Incoming`, so a
-//! streamed upstream response costs no allocation or dynamic dispatch per frame.
+//! An `Either` rather than a boxed body: the proxied side stays the upstream's body, so
+//! a streamed upstream response costs no allocation or dynamic dispatch per frame.
 
 use std::time::Duration;
 
@@ -9,8 +9,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 
+use crate::pool::PooledBody;
+
 /// Body of every response the gateway sends.
-pub type Body = Either<Full<Bytes>, Incoming>;
+pub type Body = Either<Full<Bytes>, PooledBody>;
 
 /// A complete in-memory body.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
@@ -23,8 +25,8 @@ pub fn empty() -> Body {
 }
 
 /// A body streamed from the upstream as it arrives.
-pub fn streamed(incoming: Incoming) -> Body {
-    Either::Right(incoming)
+pub fn streamed(upstream: PooledBody) -> Body {
+    Either::Right(upstream)
 }
 
 /// How much of a refused body is read and thrown away so the client sees the refusal.

@@ -20,6 +20,7 @@ pub mod form;
 pub mod framing;
 pub mod gateway;
 pub mod lockout;
+pub mod pool;
 pub mod proxy;
 pub mod routes;
 pub mod server;

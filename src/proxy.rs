@@ -7,7 +7,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,22 +16,17 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Frame, Incoming, SizeHint};
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
 use crate::body::{self, Body};
-use crate::config::UpstreamConfig;
 use crate::error::Error;
-use crate::routes::Route;
+use crate::pool::{BoxError, Connector, PooledBody, SendError};
+use crate::routes::{Route, Target};
 use crate::token::Identity;
-
-/// A pooled keep-alive client for `http://` and `https://` upstreams.
-pub type UpstreamClient =
-    hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, RequestBody>;
 
 /// TLS settings for `https://` upstreams: the roots of `ca_file`, else the system's.
 /// `needed` is false when no route uses https, so a machine without a CA bundle can
@@ -69,72 +64,33 @@ pub fn upstream_tls(ca_file: Option<&Path>, needed: bool) -> Result<rustls::Clie
         .with_no_client_auth())
 }
 
-/// Builds the upstream client with the given connect deadline.
-pub fn client(
-    config: &UpstreamConfig,
-    tls: rustls::ClientConfig,
-    connect_timeout: Duration,
-) -> UpstreamClient {
+/// Builds the upstream connector (TCP, and TLS for `https://`) with the given connect
+/// deadline.
+pub fn connector(tls: rustls::ClientConfig, connect_timeout: Duration) -> Connector {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(connect_timeout));
     // Small proxied requests would otherwise wait on Nagle's algorithm.
     connector.set_nodelay(true);
     connector.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+    hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(connector);
-    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(config.pool_idle_timeout)
-        .pool_max_idle_per_host(config.pool_max_idle_per_host)
-        .build(connector)
+        .wrap_connector(connector)
 }
 
 /// The body the gateway forwards: the client's, streamed, cut off past a route's
 /// `max_request_body`.
-///
-/// When a route has several addresses the body starts out parked in a shared slot and
-/// moves into the body on its first poll, which the client makes only once a connection
-/// stands. If the connection fails first, the slot still holds the body and the request
-/// can go to the next address; once polled, the body may be partly sent and the request
-/// is never retried.
 pub struct RequestBody {
-    state: BodyState,
+    inner: Option<Incoming>,
     remaining: Option<u64>,
 }
 
-enum BodyState {
-    Parked(Arc<Mutex<Option<Incoming>>>),
-    Streaming(Incoming),
-    Done,
-}
-
 impl RequestBody {
-    fn streaming(incoming: Incoming, limit: Option<u64>) -> Self {
+    fn new(incoming: Incoming, limit: Option<u64>) -> Self {
         RequestBody {
-            state: BodyState::Streaming(incoming),
+            inner: Some(incoming),
             remaining: limit,
-        }
-    }
-
-    fn parked(slot: Arc<Mutex<Option<Incoming>>>, limit: Option<u64>) -> Self {
-        RequestBody {
-            state: BodyState::Parked(slot),
-            remaining: limit,
-        }
-    }
-
-    fn with_inner<T>(&self, f: impl FnOnce(&Incoming) -> T, done: T) -> T {
-        match &self.state {
-            BodyState::Streaming(inner) => f(inner),
-            BodyState::Parked(slot) => match slot.lock() {
-                Ok(guard) => guard.as_ref().map_or(done, f),
-                Err(_) => done,
-            },
-            BodyState::Done => done,
         }
     }
 }
@@ -153,11 +109,7 @@ impl hyper::body::Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        if let BodyState::Parked(slot) = &this.state {
-            let taken = slot.lock().ok().and_then(|mut guard| guard.take());
-            this.state = taken.map_or(BodyState::Done, BodyState::Streaming);
-        }
-        let BodyState::Streaming(inner) = &mut this.state else {
+        let Some(inner) = &mut this.inner else {
             return Poll::Ready(None);
         };
         match std::task::ready!(Pin::new(inner).poll_frame(cx)) {
@@ -166,9 +118,7 @@ impl hyper::body::Body for RequestBody {
                     let len = data.len() as u64;
                     if len > *remaining {
                         // Drain the rest so the client can read the 413 (see body::drain).
-                        if let BodyState::Streaming(rest) =
-                            std::mem::replace(&mut this.state, BodyState::Done)
-                        {
+                        if let Some(rest) = this.inner.take() {
                             tokio::spawn(body::drain(rest));
                         }
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
@@ -183,11 +133,13 @@ impl hyper::body::Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.with_inner(|inner| inner.is_end_stream(), true)
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.with_inner(|inner| inner.size_hint(), SizeHint::with_exact(0))
+        self.inner
+            .as_ref()
+            .map_or(SizeHint::with_exact(0), Incoming::size_hint)
     }
 }
 
@@ -375,9 +327,9 @@ pub fn request_host<B>(request: &Request<B>) -> Option<HeaderValue> {
     })
 }
 
-/// The upstream's absolute URI for `path` and `query`. When the path reaches the
-/// upstream exactly as the client sent it, the client's path-and-query is reused (a
-/// reference-counted clone) rather than formatted and parsed again.
+/// The origin-form target (`/path?query`) sent to an upstream address. When the path
+/// reaches the upstream exactly as the client sent it, the client's path-and-query is
+/// reused (a reference-counted clone) rather than formatted and parsed again.
 fn upstream_uri(
     target: &crate::config::UpstreamUrl,
     path: &str,
@@ -396,16 +348,13 @@ fn upstream_uri(
             })?
         }
     };
-    Uri::builder()
-        .scheme(target.scheme.clone())
-        .authority(target.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| Error::InvalidRequest("the request target cannot be forwarded".into()))
+    Ok(Uri::from(path_and_query))
 }
 
-fn classify(error: hyper_util::client::legacy::Error, route: &Route) -> Error {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+/// The gateway's error for a failed upstream exchange: 413 when the body passed the
+/// route's limit on its way, 504 when the connect deadline passed, else 502.
+fn classify(error: &(dyn std::error::Error + 'static), connect: bool, route: &Route) -> Error {
+    let mut source = Some(error);
     while let Some(e) = source {
         if e.is::<BodyTooLarge>() {
             return too_large(route.max_request_body.unwrap_or_default());
@@ -423,7 +372,7 @@ fn classify(error: hyper_util::client::legacy::Error, route: &Route) -> Error {
         }
         source = e.source();
     }
-    if error.is_connect() {
+    if connect {
         Error::BadGateway("the upstream is unreachable".into())
     } else {
         Error::BadGateway("the upstream failed to answer".into())
@@ -431,20 +380,21 @@ fn classify(error: hyper_util::client::legacy::Error, route: &Route) -> Error {
 }
 
 enum Failure {
-    Connect(hyper_util::client::legacy::Error),
-    Other(hyper_util::client::legacy::Error),
+    /// No connection; the request was not sent and comes back whole.
+    Connect(BoxError, Box<Request<RequestBody>>),
+    Other(hyper::Error),
     TimedOut,
 }
 
 async fn send(
-    client: &UpstreamClient,
+    target: &Target,
     request: Request<RequestBody>,
     deadline: tokio::time::Instant,
-) -> Result<Response<Incoming>, Failure> {
-    match tokio::time::timeout_at(deadline, client.request(request)).await {
+) -> Result<Response<PooledBody>, Failure> {
+    match tokio::time::timeout_at(deadline, target.pool.send(request)).await {
         Err(_) => Err(Failure::TimedOut),
-        Ok(Err(error)) if error.is_connect() => Err(Failure::Connect(error)),
-        Ok(Err(error)) => Err(Failure::Other(error)),
+        Ok(Err(SendError::Connect(error, request))) => Err(Failure::Connect(error, request)),
+        Ok(Err(SendError::Request(error))) => Err(Failure::Other(error)),
         Ok(Ok(response)) => Ok(response),
     }
 }
@@ -509,55 +459,39 @@ pub async fn forward(
         parts.headers.insert(header::UPGRADE, protocol.clone());
     }
     let original = parts.uri.path_and_query();
-    let build = |target: usize, body: RequestBody, headers: HeaderMap| {
-        let uri = upstream_uri(&route.targets[target].url, &path, original)?;
-        let mut forwarded = Request::new(body);
-        *forwarded.method_mut() = parts.method.clone();
-        *forwarded.uri_mut() = uri;
-        // Upstreams are spoken to over HTTP/1.1 whatever the client used.
-        *forwarded.version_mut() = Version::HTTP_11;
-        *forwarded.headers_mut() = headers;
-        Ok::<_, Error>(forwarded)
-    };
+    let mut forwarded = Request::new(RequestBody::new(incoming, route.max_request_body));
+    *forwarded.method_mut() = parts.method;
+    // Upstreams are spoken to over HTTP/1.1 whatever the client used.
+    *forwarded.version_mut() = Version::HTTP_11;
+    *forwarded.headers_mut() = parts.headers;
 
-    let client = &route.client;
     let deadline = tokio::time::Instant::now() + route.response_timeout;
-    let target = route.pick(None);
-    let headers = std::mem::take(&mut parts.headers);
-    // Only a route with several addresses can retry, so only it keeps what a retry needs.
-    let (body, retry) = if route.targets.len() > 1 {
-        let slot = Arc::new(Mutex::new(Some(incoming)));
-        let body = RequestBody::parked(slot.clone(), route.max_request_body);
-        (body, Some((slot, headers.clone())))
-    } else {
-        (
-            RequestBody::streaming(incoming, route.max_request_body),
-            None,
-        )
-    };
-    let mut outcome = send(client, build(target, body, headers)?, deadline).await;
-    if let Err(Failure::Connect(_)) = &outcome {
+    let mut target = route.pick(None);
+    *forwarded.uri_mut() = upstream_uri(&route.targets[target].url, &path, original)?;
+    let mut outcome = send(&route.targets[target], forwarded, deadline).await;
+    if let Err(Failure::Connect(_, _)) = &outcome {
         route.targets[target].mark_down(route.cooldown);
-        let unsent = retry.and_then(|(slot, headers)| {
-            let incoming = slot.lock().ok().and_then(|mut guard| guard.take())?;
-            Some((incoming, headers))
-        });
-        if let Some((incoming, headers)) = unsent {
-            let next = route.pick(Some(target));
+        if route.targets.len() > 1 {
+            let Err(Failure::Connect(_, mut unsent)) = outcome else {
+                unreachable!("matched just above")
+            };
+            let failed = target;
+            target = route.pick(Some(failed));
             tracing::debug!(
-                failed = %route.targets[target].url,
-                next = %route.targets[next].url,
+                failed = %route.targets[failed].url,
+                next = %route.targets[target].url,
                 "upstream connect failed before the request was sent; retrying on the next address"
             );
-            let body = RequestBody::streaming(incoming, route.max_request_body);
-            outcome = send(client, build(next, body, headers)?, deadline).await;
-            if let Err(Failure::Connect(_)) = &outcome {
-                route.targets[next].mark_down(route.cooldown);
+            *unsent.uri_mut() = upstream_uri(&route.targets[target].url, &path, original)?;
+            outcome = send(&route.targets[target], *unsent, deadline).await;
+            if let Err(Failure::Connect(_, _)) = &outcome {
+                route.targets[target].mark_down(route.cooldown);
             }
         }
     }
     let mut response = outcome.map_err(|failure| match failure {
-        Failure::Connect(error) | Failure::Other(error) => classify(error, route),
+        Failure::Connect(error, _) => classify(&*error, true, route),
+        Failure::Other(error) => classify(&error, false, route),
         Failure::TimedOut => Error::GatewayTimeout(
             format!(
                 "the upstream did not answer within {:?}",
@@ -699,7 +633,7 @@ mod tests {
     }
 
     #[test]
-    fn upstream_uris_keep_the_query_and_add_the_prefix() {
+    fn upstream_targets_keep_the_query_and_add_the_prefix() {
         let plain = crate::config::UpstreamUrl::parse("http://127.0.0.1:8081").unwrap();
         let prefixed = crate::config::UpstreamUrl::parse("https://svc:9443/base").unwrap();
         let original = PathAndQuery::from_static("/a/%62?x=1&y");
@@ -707,21 +641,18 @@ mod tests {
         // Unchanged path: the client's own target goes on, byte for byte.
         assert_eq!(
             uri(&plain, "/a/%62", Some(&original)).to_string(),
-            "http://127.0.0.1:8081/a/%62?x=1&y"
+            "/a/%62?x=1&y"
         );
         // A normalised or rewritten path replaces the client's, the query stays.
         assert_eq!(
             uri(&plain, "/a/b", Some(&original)).to_string(),
-            "http://127.0.0.1:8081/a/b?x=1&y"
+            "/a/b?x=1&y"
         );
         assert_eq!(
             uri(&prefixed, "/a/%62", Some(&original)).to_string(),
-            "https://svc:9443/base/a/%62?x=1&y"
+            "/base/a/%62?x=1&y"
         );
-        assert_eq!(
-            uri(&prefixed, "/", None).to_string(),
-            "https://svc:9443/base/"
-        );
+        assert_eq!(uri(&prefixed, "/", None).to_string(), "/base/");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
@@ -19,7 +20,7 @@ use toml::Spanned;
 
 use crate::config::{RouteConfig, UpstreamUrl};
 use crate::error::Error;
-use crate::proxy::UpstreamClient;
+use crate::pool::Pool;
 
 /// One segment of a path pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,6 +230,9 @@ fn is_dot_segment(bytes: &[u8], i: usize) -> bool {
 pub struct Target {
     /// The base URL.
     pub url: UpstreamUrl,
+    /// Keep-alive connections to this address (shared with every route naming it with
+    /// the same connect deadline).
+    pub pool: Arc<Pool>,
     /// Until when (ms since the epoch) this address is skipped after a failed connect.
     down_until: AtomicU64,
 }
@@ -278,8 +282,6 @@ pub struct Route {
     pub cooldown: Duration,
     /// Largest forwarded request body; `None` for no limit.
     pub max_request_body: Option<u64>,
-    /// Pooled client for the upstream (shared by routes with the same connect deadline).
-    pub client: UpstreamClient,
 }
 
 impl Route {
@@ -398,7 +400,8 @@ impl RouteTable {
         defaults: &crate::config::UpstreamConfig,
         tls: &rustls::ClientConfig,
     ) -> RouteTable {
-        let mut clients: HashMap<Duration, UpstreamClient> = HashMap::new();
+        let mut connectors = HashMap::new();
+        let mut pools: HashMap<(String, Duration), Arc<Pool>> = HashMap::new();
         let mut root = Node::default();
         let routes = routes
             .iter()
@@ -406,10 +409,29 @@ impl RouteTable {
             .map(|(index, r)| {
                 root.insert(&r.path.segments, index);
                 let connect_timeout = r.connect_timeout.unwrap_or(defaults.connect_timeout);
-                let client = clients
-                    .entry(connect_timeout)
-                    .or_insert_with(|| crate::proxy::client(defaults, tls.clone(), connect_timeout))
-                    .clone();
+                let mut pool_for = |url: &UpstreamUrl| {
+                    let key = (
+                        format!("{}://{}", url.scheme, url.authority),
+                        connect_timeout,
+                    );
+                    pools
+                        .entry(key)
+                        .or_insert_with(|| {
+                            let connector = connectors
+                                .entry(connect_timeout)
+                                .or_insert_with(|| {
+                                    crate::proxy::connector(tls.clone(), connect_timeout)
+                                })
+                                .clone();
+                            Pool::new(
+                                connector,
+                                url,
+                                defaults.pool_idle_timeout,
+                                defaults.pool_max_idle_per_host,
+                            )
+                        })
+                        .clone()
+                };
                 Route {
                     index,
                     pattern: r.path.clone(),
@@ -419,6 +441,7 @@ impl RouteTable {
                         .iter()
                         .map(|url| Target {
                             url: url.clone(),
+                            pool: pool_for(url),
                             down_until: AtomicU64::new(0),
                         })
                         .collect(),
@@ -438,11 +461,18 @@ impl RouteTable {
                     response_timeout: r.response_timeout.unwrap_or(defaults.response_timeout),
                     cooldown: defaults.cooldown,
                     max_request_body: r.max_request_body,
-                    client,
                 }
             })
             .collect();
         RouteTable { routes, root }
+    }
+
+    /// Every upstream connection pool the routes use (a pool shared by several
+    /// routes is listed once per address naming it).
+    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
+        self.routes
+            .iter()
+            .flat_map(|r| r.targets.iter().map(|t| &*t.pool))
     }
 
     /// The first route matching a normalised path, method and host (without port).

@@ -204,6 +204,7 @@ pub async fn serve(
     }
     let background = [
         tokio::spawn(sweep(shared.clone())),
+        tokio::spawn(close_idle_upstream_connections(shared.clone())),
         tokio::spawn(watch_certificate(shared.clone())),
         tokio::spawn(snapshots(shared.clone())),
     ];
@@ -420,6 +421,18 @@ async fn sweep(shared: Arc<Shared>) {
 }
 
 /// Writes the token snapshot every `snapshot_interval`, so a crash loses little.
+/// Closes upstream connections idle past `[upstream] pool_idle_timeout`, checking four
+/// times per timeout so none outlives it by more than a quarter.
+async fn close_idle_upstream_connections(shared: Arc<Shared>) {
+    loop {
+        let timeout = shared.live().config.upstream.pool_idle_timeout;
+        tokio::time::sleep((timeout / 4).max(Duration::from_millis(250))).await;
+        for pool in shared.live().routes.pools() {
+            pool.evict_idle();
+        }
+    }
+}
+
 async fn snapshots(shared: Arc<Shared>) {
     loop {
         tokio::time::sleep(shared.live().config.tokens.snapshot_interval).await;

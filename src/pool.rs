@@ -1,0 +1,248 @@
+//! Keep-alive HTTP/1.1 connections to one upstream address.
+//!
+//! One pool per upstream address (shared by every route that names it with the same
+//! connect deadline) keeps idle connections last-in first-out, so the warmest one is
+//! reused. A connection goes back to its pool the moment the response body it carried
+//! has been read to the end; a body dropped half-read takes its connection with it,
+//! since the rest of that response would still be on the wire.
+//!
+//! Why not hyper-util's pooled client: per request it hashes a pool key, wraps the
+//! connection in a pool guard and spawns a task that waits to hand the connection
+//! back. Here the pool is found through the route, and the response body hands the
+//! connection back itself.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tower_service::Service;
+
+use crate::config::UpstreamUrl;
+use crate::proxy::RequestBody;
+
+/// Opens TCP (and, for `https://`, TLS) connections with the connect deadline set.
+pub type Connector = HttpsConnector<HttpConnector>;
+
+/// Any error, boxed.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a request did not get a response.
+pub enum SendError {
+    /// No connection could be made. Nothing was sent, and the request comes back so it
+    /// can go to another address.
+    Connect(BoxError, Box<Request<RequestBody>>),
+    /// The request failed on an established connection; part of it may have been sent.
+    Request(hyper::Error),
+}
+
+/// How long a request waits for an idle connection to become ready before it takes
+/// another.
+const READY_WAIT: Duration = Duration::from_millis(250);
+
+struct Idle {
+    sender: SendRequest<RequestBody>,
+    since: Instant,
+}
+
+/// Idle keep-alive connections to one upstream address.
+pub struct Pool {
+    connector: Connector,
+    /// `scheme://authority/`: what the connector dials.
+    address: Uri,
+    /// `Host` of every request sent here.
+    host: HeaderValue,
+    idle: Mutex<Vec<Idle>>,
+    idle_timeout: Duration,
+    max_idle: usize,
+}
+
+impl Pool {
+    /// A pool for the address of `url`, keeping at most `max_idle` idle connections,
+    /// each for at most `idle_timeout`.
+    pub fn new(
+        connector: Connector,
+        url: &UpstreamUrl,
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> Arc<Pool> {
+        let address = Uri::builder()
+            .scheme(url.scheme.clone())
+            .authority(url.authority.clone())
+            .path_and_query("/")
+            .build()
+            .expect("a scheme and an authority make a URI");
+        let host = HeaderValue::from_str(url.authority.as_str())
+            .expect("an authority is a valid header value");
+        Arc::new(Pool {
+            connector,
+            address,
+            host,
+            idle: Mutex::new(Vec::new()),
+            idle_timeout,
+            max_idle,
+        })
+    }
+
+    /// Sends `request` (origin-form URI) on an idle connection, or on a new one.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut request: Request<RequestBody>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        request
+            .headers_mut()
+            .insert(header::HOST, self.host.clone());
+        while let Some(mut sender) = self.take_idle() {
+            // Not ready yet usually means its connection task has yet to see the end of
+            // the last response; a moment's wait, not more (a request body still
+            // uploading can hold a connection busy for as long as the client likes).
+            if !sender.is_ready()
+                && !matches!(
+                    tokio::time::timeout(READY_WAIT, sender.ready()).await,
+                    Ok(Ok(()))
+                )
+            {
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.wrap(response, sender)),
+                Err(mut failed) => match failed.take_message() {
+                    // The connection closed as it was picked, before a byte was sent:
+                    // the request is whole, so it may try the next one.
+                    Some(unsent) => request = unsent,
+                    None => return Err(SendError::Request(failed.into_error())),
+                },
+            }
+        }
+        let mut sender = match self.connect().await {
+            Ok(sender) => sender,
+            Err(error) => return Err(SendError::Connect(error, Box::new(request))),
+        };
+        match sender.send_request(request).await {
+            Ok(response) => Ok(self.wrap(response, sender)),
+            Err(error) => Err(SendError::Request(error)),
+        }
+    }
+
+    /// Closes idle connections past `idle_timeout` and those the upstream closed.
+    pub fn evict_idle(&self) {
+        let timeout = self.idle_timeout;
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.retain(|c| c.since.elapsed() < timeout && !c.sender.is_closed());
+        }
+    }
+
+    /// How many idle connections the pool holds.
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map_or(0, |idle| idle.len())
+    }
+
+    fn take_idle(&self) -> Option<SendRequest<RequestBody>> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(c) = idle.pop() {
+            if c.since.elapsed() < self.idle_timeout && !c.sender.is_closed() {
+                return Some(c.sender);
+            }
+        }
+        None
+    }
+
+    fn give_back(&self, sender: SendRequest<RequestBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < self.max_idle {
+                idle.push(Idle {
+                    sender,
+                    since: Instant::now(),
+                });
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<RequestBody>, BoxError> {
+        let io = self.connector.clone().call(self.address.clone()).await?;
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake(io)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%error, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn wrap(
+        self: &Arc<Self>,
+        response: Response<Incoming>,
+        sender: SendRequest<RequestBody>,
+    ) -> Response<PooledBody> {
+        // After 101 the connection belongs to the tunnel, never to the pool.
+        let home = (response.status() != StatusCode::SWITCHING_PROTOCOLS)
+            .then(|| (sender, Arc::downgrade(self)));
+        let (parts, inner) = response.into_parts();
+        let mut body = PooledBody { inner, home };
+        body.give_back_if_done();
+        Response::from_parts(parts, body)
+    }
+}
+
+/// An upstream response body that returns its connection to the pool once read to the
+/// end.
+pub struct PooledBody {
+    inner: Incoming,
+    home: Option<(SendRequest<RequestBody>, Weak<Pool>)>,
+}
+
+impl PooledBody {
+    fn give_back_if_done(&mut self) {
+        if self.inner.is_end_stream() {
+            self.give_back();
+        }
+    }
+
+    fn give_back(&mut self) {
+        if let Some((sender, pool)) = self.home.take() {
+            if let Some(pool) = pool.upgrade() {
+                pool.give_back(sender);
+            }
+        }
+    }
+}
+
+impl hyper::body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.give_back(),
+            Poll::Ready(Some(Ok(_))) => self.give_back_if_done(),
+            // A broken body leaves a connection in an unknown state: it goes.
+            Poll::Ready(Some(Err(_))) => self.home = None,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,227 @@
+//! The gateway's upstream connection pool, seen from a real upstream: keep-alive
+//! connections are reused and carry the upstream's own `Host`, a response read only in
+//! part costs its connection and nothing else, a connection the upstream closes is
+//! replaced unnoticed, and idle connections close after `[upstream] pool_idle_timeout`.
+
+mod common;
+use common::*;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// An upstream that notes which connection (the gateway's source port) and `Host` each
+/// request came with, and counts connections opened and closed.
+struct Recording {
+    addr: SocketAddr,
+    requests: Arc<Mutex<Vec<(u16, String)>>>,
+    opened: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
+    _task: Task,
+}
+
+async fn answer(request: Request<Incoming>) -> Response<Full<Bytes>> {
+    match request.uri().path() {
+        "/api/v1/big" => Response::new(Full::new(Bytes::from(pattern(4 << 20)))),
+        "/api/v1/close" => Response::builder()
+            .header("connection", "close")
+            .body(Full::new(Bytes::from_static(b"bye")))
+            .unwrap(),
+        _ => Response::new(Full::new(Bytes::from_static(b"ok"))),
+    }
+}
+
+impl Recording {
+    async fn start() -> Recording {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests: Arc<Mutex<Vec<(u16, String)>>> = Arc::default();
+        let (opened, closed) = (Arc::<AtomicUsize>::default(), Arc::<AtomicUsize>::default());
+        let (log, open, close) = (requests.clone(), opened.clone(), closed.clone());
+        let task = accept_loop(listener, move |stream| {
+            let (log, close) = (log.clone(), close.clone());
+            open.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let port = stream.peer_addr().unwrap().port();
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let host = header_text(request.headers().get("host"));
+                    log.lock().unwrap().push((port, host));
+                    async move { Ok::<_, Infallible>(answer(request).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+                close.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        Recording {
+            addr,
+            requests,
+            opened,
+            closed,
+            _task: task,
+        }
+    }
+
+    fn connections_used(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.requests.lock().unwrap().iter().map(|r| r.0).collect();
+        ports.dedup();
+        ports
+    }
+
+    async fn wait_closed(&self, n: usize, within: Duration) {
+        let start = Instant::now();
+        while self.closed.load(Ordering::SeqCst) < n {
+            assert!(
+                start.elapsed() < within,
+                "{} of {n} upstream connections closed after {within:?}",
+                self.closed.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn header_text(value: Option<&http::HeaderValue>) -> String {
+    value.map_or("<none>".into(), |v| v.to_str().unwrap().to_owned())
+}
+
+async fn gateway_before(upstream: SocketAddr, sections: &str) -> TestGateway {
+    let text = config_text(upstream, sections, "");
+    TestGateway::start_text(Upstream::start().await, &text).await
+}
+
+async fn get(gw: &TestGateway, token: &str, path: &str) -> reqwest::Response {
+    gw.bearer_get(&gw.http1, path, token).await
+}
+
+#[tokio::test]
+async fn sequential_requests_share_one_upstream_connection_with_its_own_host() {
+    let up = Recording::start().await;
+    let gw = gateway_before(up.addr, "").await;
+    let token = gw.alex_token().await;
+    for _ in 0..10 {
+        let response = get(&gw, &token, "/api/v1/x").await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), "ok");
+    }
+    assert_eq!(up.connections_used().len(), 1, "{:?}", up.requests);
+    assert_eq!(up.opened.load(Ordering::SeqCst), 1);
+    let host = up.addr.to_string();
+    assert!(
+        up.requests.lock().unwrap().iter().all(|(_, h)| *h == host),
+        "every request carries Host {host}: {:?}",
+        up.requests
+    );
+}
+
+#[tokio::test]
+async fn a_response_read_in_part_costs_its_connection_and_nothing_else() {
+    let up = Recording::start().await;
+    let gw = gateway_before(up.addr, "").await;
+    let token = gw.alex_token().await;
+    let mut response = get(&gw, &token, "/api/v1/big").await;
+    assert_eq!(response.status(), 200);
+    assert!(!response.chunk().await.unwrap().unwrap().is_empty());
+    drop(response);
+    // The rest of the 4 MiB answer was still on that connection: it must close rather
+    // than serve the next request.
+    up.wait_closed(1, Duration::from_secs(10)).await;
+
+    let response = get(&gw, &token, "/api/v1/x").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "ok");
+    assert_eq!(up.opened.load(Ordering::SeqCst), 2);
+
+    // Read to the end, the big answer leaves its connection for the next request.
+    let response = get(&gw, &token, "/api/v1/big").await;
+    assert_eq!(response.bytes().await.unwrap(), pattern(4 << 20));
+    assert_eq!(get(&gw, &token, "/api/v1/x").await.status(), 200);
+    assert_eq!(up.opened.load(Ordering::SeqCst), 2, "{:?}", up.requests);
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_closes_is_replaced_unnoticed() {
+    let up = Recording::start().await;
+    let gw = gateway_before(up.addr, "").await;
+    let token = gw.alex_token().await;
+    for _ in 0..3 {
+        let response = get(&gw, &token, "/api/v1/close").await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), "bye");
+        let response = get(&gw, &token, "/api/v1/x").await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), "ok");
+    }
+    // Each `Connection: close` ends its connection; the request after it needs a new one.
+    assert_eq!(up.opened.load(Ordering::SeqCst), 4, "{:?}", up.requests);
+}
+
+#[tokio::test]
+async fn an_idle_connection_the_upstream_drops_silently_is_replaced() {
+    // An upstream with a short keep-alive timeout of its own: it answers one request
+    // per connection and then closes it after a moment, without saying so.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let opened = Arc::new(AtomicUsize::new(0));
+    let counter = opened.clone();
+    let _task = accept_loop(listener, move |mut stream| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let gw = gateway_before(addr, "").await;
+    let token = gw.alex_token().await;
+    for round in 0..3 {
+        let response = get(&gw, &token, "/api/v1/x").await;
+        assert_eq!(response.status(), 200, "round {round}");
+        assert_eq!(response.text().await.unwrap(), "ok");
+        // Time for the close to reach the gateway before the next request.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(opened.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn idle_connections_close_after_pool_idle_timeout() {
+    let up = Recording::start().await;
+    let gw = gateway_before(up.addr, "[upstream]\npool_idle_timeout = \"1s\"\n").await;
+    let token = gw.alex_token().await;
+    let started = Instant::now();
+    assert_eq!(get(&gw, &token, "/api/v1/x").await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        up.closed.load(Ordering::SeqCst),
+        0,
+        "closed before its time"
+    );
+    up.wait_closed(1, Duration::from_secs(5)).await;
+    assert!(started.elapsed() >= Duration::from_secs(1));
+
+    // The next request simply opens a new connection.
+    assert_eq!(get(&gw, &token, "/api/v1/x").await.status(), 200);
+    assert_eq!(up.opened.load(Ordering::SeqCst), 2);
+}
