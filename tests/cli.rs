@@ -515,3 +515,66 @@ fn help_lists_the_subcommands() {
         assert!(stdout.contains(name), "`{name}` not in:\n{stdout}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_logged_once_with_their_request_context_and_no_secret() {
+    // Port 9 has no listener: every proxied request fails with 502.
+    let (_dir, path, pem) = config_dir(&config_text(nowhere(), "", ""), true);
+    let gw = Process::spawn(&path);
+    let addr = gw.listen_addr().await;
+    let (http1, _) = clients(&pem);
+    let token = token(&http1, addr, ALEX).await;
+    let forged = "Zm9yZ2VkLXRva2VuLXRoYXQtaXMtbm90LWluLXRoZS10YWJsZQ";
+
+    assert_eq!(
+        api_status(&http1, addr, "/api/v1/things/1", &token).await,
+        502
+    );
+    assert_eq!(
+        api_status(&http1, addr, "/api/v1/things/2", forged).await,
+        401
+    );
+    let refused = http1
+        .post(url(addr, "/api/oauth/token"))
+        .basic_auth(APP.0, Some("not-the-secret"))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+
+    let wait = |needle: &'static str| gw.wait_log(needle, Duration::from_secs(5));
+    let failed = wait("path=\"/api/v1/things/1\"").await;
+    let failed = failed.unwrap_or_else(|| panic!("the 502 is not logged:\n{}", gw.log_text()));
+    for part in [
+        "request failed",
+        "status=502",
+        "method=GET",
+        "route=",
+        "user=\"alex@example.com\"",
+    ] {
+        assert!(failed.contains(part), "`{part}` missing from: {failed}");
+    }
+    let unknown = wait("path=\"/api/v1/things/2\"")
+        .await
+        .expect("the 401 is logged");
+    for part in ["request refused", "status=401", "invalid_token"] {
+        assert!(unknown.contains(part), "`{part}` missing from: {unknown}");
+    }
+    let bad_client = wait("path=\"/api/oauth/token\"").await;
+    let bad_client = bad_client.expect("the refused client is logged");
+    for part in ["request refused", "status=401", "invalid_client"] {
+        assert!(
+            bad_client.contains(part),
+            "`{part}` missing from: {bad_client}"
+        );
+    }
+
+    let log = gw.log_text();
+    for line in ["path=\"/api/v1/things/1\"", "path=\"/api/v1/things/2\""] {
+        assert_eq!(log.matches(line).count(), 1, "logged once: {log}");
+    }
+    for secret in [token.as_str(), forged, "not-the-secret", APP.1] {
+        assert!(!log.contains(secret), "a secret reached the log:\n{log}");
+    }
+}

@@ -1,7 +1,8 @@
 //! The gateway's upstream connection pool, seen from a real upstream: keep-alive
 //! connections are reused and carry the upstream's own `Host`, a response read only in
 //! part costs its connection and nothing else, a connection the upstream closes is
-//! replaced unnoticed, and idle connections close after `[upstream] pool_idle_timeout`.
+//! replaced unnoticed, and idle connections close after `[upstream] pool_idle_timeout`
+//! and beyond `pool_max_idle_per_host`.
 
 mod common;
 use common::*;
@@ -34,6 +35,10 @@ struct Recording {
 async fn answer(request: Request<Incoming>) -> Response<Full<Bytes>> {
     match request.uri().path() {
         "/api/v1/big" => Response::new(Full::new(Bytes::from(pattern(4 << 20)))),
+        "/api/v1/slow" => {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Response::new(Full::new(Bytes::from_static(b"ok")))
+        }
         "/api/v1/close" => Response::builder()
             .header("connection", "close")
             .body(Full::new(Bytes::from_static(b"bye")))
@@ -224,4 +229,27 @@ async fn idle_connections_close_after_pool_idle_timeout() {
     // The next request simply opens a new connection.
     assert_eq!(get(&gw, &token, "/api/v1/x").await.status(), 200);
     assert_eq!(up.opened.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn no_more_idle_connections_are_kept_than_pool_max_idle_per_host() {
+    let up = Recording::start().await;
+    let gw = gateway_before(up.addr, "[upstream]\npool_max_idle_per_host = 1\n").await;
+    let token = gw.alex_token().await;
+    // Three at once need three connections...
+    let (a, b, c) = tokio::join!(
+        get(&gw, &token, "/api/v1/slow"),
+        get(&gw, &token, "/api/v1/slow"),
+        get(&gw, &token, "/api/v1/slow"),
+    );
+    for response in [a, b, c] {
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), "ok");
+    }
+    assert_eq!(up.opened.load(Ordering::SeqCst), 3);
+    // ...of which one stays open for the next request and two close.
+    up.wait_closed(2, Duration::from_secs(5)).await;
+    assert_eq!(get(&gw, &token, "/api/v1/x").await.status(), 200);
+    assert_eq!(up.opened.load(Ordering::SeqCst), 3);
+    assert_eq!(up.closed.load(Ordering::SeqCst), 2);
 }
