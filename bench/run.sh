@@ -134,18 +134,23 @@ REFRESH=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["refresh_token
 
 RESULTS=$WORK/results.jsonl
 : >"$RESULTS"
-run() { # scenario target round -- oha args...
+# CPU time (user + system, clock ticks) a process has used so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+run() { # scenario target round -- oha args...   (CPU_PID=pid: also record its CPU time)
   local scenario=$1 target=$2 round=$3; shift 4
-  local out="$WORK/oha.json"
+  local out="$WORK/oha.json" before=0 after=0
+  [ -n "${CPU_PID:-}" ] && before=$(cpu_ticks "$CPU_PID")
   taskset -c $CLIENT_CPU oha --no-tui --output-format json "$@" >"$out" 2>"$WORK/oha.err" || true
-  python3 - "$scenario" "$target" "$round" "$out" >>"$RESULTS" <<'PY'
+  [ -n "${CPU_PID:-}" ] && after=$(cpu_ticks "$CPU_PID")
+  python3 - "$scenario" "$target" "$round" "$out" "$((after - before))" "$(getconf CLK_TCK)" >>"$RESULTS" <<'PY'
 import json, sys
-scenario, target, rnd, path = sys.argv[1:5]
+scenario, target, rnd, path, ticks, hz = sys.argv[1:7]
 try:
     data = json.load(open(path))
 except Exception as e:
     data = {"error": str(e)}
-print(json.dumps({"scenario": scenario, "target": target, "round": int(rnd), "oha": data}))
+print(json.dumps({"scenario": scenario, "target": target, "round": int(rnd), "oha": data,
+                  "cpu_seconds": int(ticks) / int(hz)}))
 PY
 }
 
@@ -194,9 +199,13 @@ print(max(100, int(min(caps) / 2)) if caps else 1000)
 PY
 )
 echo "== fixed rate: $RATE req/s" >&2
+# The same request count for both at a fixed rate makes CPU time per request the
+# steadiest measure of what each proxy costs (throughput at saturation also depends on
+# how the scheduler interleaves proxy and upstream on their shared core).
+NGX_WORKER=$([ $HAVE_NGINX = 1 ] && pgrep -P "$(cat "$WORK/nginx.pid")" | head -1 || true)
 for round in $(seq 1 "$ROUNDS"); do
-  [ $HAVE_NGINX = 1 ] && run fixed nginx $round -- -z "$DURATION" -c "$CONCURRENCY" -q "$RATE" --latency-correction --insecure --http-version 1.1 "$NGXURL/api/v1/x"
-  run fixed gateway $round -- -z "$DURATION" -c "$CONCURRENCY" -q "$RATE" --latency-correction --insecure --http-version 1.1 -H "$AUTH" "$GWURL/api/v1/x"
+  [ $HAVE_NGINX = 1 ] && CPU_PID=$NGX_WORKER run fixed nginx $round -- -z "$DURATION" -c "$CONCURRENCY" -q "$RATE" --latency-correction --insecure --http-version 1.1 "$NGXURL/api/v1/x"
+  CPU_PID=$GW_PID run fixed gateway $round -- -z "$DURATION" -c "$CONCURRENCY" -q "$RATE" --latency-correction --insecure --http-version 1.1 -H "$AUTH" "$GWURL/api/v1/x"
 done
 
 RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$GW_PID/status" 2>/dev/null || echo 0)
