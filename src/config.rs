@@ -480,6 +480,11 @@ impl UpstreamUrl {
             .authority()
             .cloned()
             .ok_or_else(|| format!("`{text}` has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!(
+                "`{text}`: an upstream URL takes no user or password (they would be sent as part of Host)"
+            ));
+        }
         if uri.query().is_some() || text.contains('#') {
             return Err(format!(
                 "`{text}`: an upstream URL takes no query or fragment"
@@ -850,6 +855,24 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn upstream_urls_are_plain_http_or_https_bases() {
+        let url = UpstreamUrl::parse("https://svc:8443/base/").unwrap();
+        assert_eq!(url.authority.as_str(), "svc:8443");
+        assert_eq!(url.prefix, "/base");
+        for bad in [
+            "http://user:secret@svc:8081",
+            "ftp://svc",
+            "svc:8081",
+            "http://svc/?q=1",
+            "http://svc/#f",
+        ] {
+            assert!(UpstreamUrl::parse(bad).is_err(), "{bad} accepted");
+        }
+        let error = UpstreamUrl::parse("http://user:secret@svc").unwrap_err();
+        assert!(error.contains("no user or password"), "{error}");
     }
 
     #[test]

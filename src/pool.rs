@@ -43,6 +43,21 @@ pub enum SendError {
     Request(hyper::Error),
 }
 
+/// `Host` for requests to `url`: its host, with the port only when it is not the
+/// scheme's default (as clients write it, and as virtual hosts and signatures expect).
+fn host_header(url: &UpstreamUrl) -> String {
+    let host = url.authority.host();
+    let default_port = if url.scheme == http::uri::Scheme::HTTPS {
+        443
+    } else {
+        80
+    };
+    match url.authority.port_u16() {
+        Some(port) if port != default_port => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    }
+}
+
 /// How long a request waits for an idle connection to become ready before it takes
 /// another.
 const READY_WAIT: Duration = Duration::from_millis(250);
@@ -79,8 +94,8 @@ impl Pool {
             .path_and_query("/")
             .build()
             .expect("a scheme and an authority make a URI");
-        let host = HeaderValue::from_str(url.authority.as_str())
-            .expect("an authority is a valid header value");
+        let host = HeaderValue::from_str(&host_header(url))
+            .expect("a host and port are a valid header value");
         Arc::new(Pool {
             connector,
             address,
@@ -99,6 +114,7 @@ impl Pool {
         request
             .headers_mut()
             .insert(header::HOST, self.host.clone());
+        let uploads = !request.body().is_end_stream();
         while let Some(mut sender) = self.take_idle() {
             // Not ready yet usually means its connection task has yet to see the end of
             // the last response; a moment's wait, not more (a request body still
@@ -112,7 +128,7 @@ impl Pool {
                 continue;
             }
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.wrap(response, sender)),
+                Ok(response) => return Ok(self.wrap(response, sender, uploads)),
                 Err(mut failed) => match failed.take_message() {
                     // The connection closed as it was picked, before a byte was sent:
                     // the request is whole, so it may try the next one.
@@ -126,7 +142,7 @@ impl Pool {
             Err(error) => return Err(SendError::Connect(error, Box::new(request))),
         };
         match sender.send_request(request).await {
-            Ok(response) => Ok(self.wrap(response, sender)),
+            Ok(response) => Ok(self.wrap(response, sender, uploads)),
             Err(error) => Err(SendError::Request(error)),
         }
     }
@@ -154,10 +170,27 @@ impl Pool {
         None
     }
 
-    fn give_back(&self, sender: SendRequest<RequestBody>) {
+    fn give_back(self: Arc<Self>, mut sender: SendRequest<RequestBody>, uploads: bool) {
         if sender.is_closed() {
             return;
         }
+        if uploads && !sender.is_ready() {
+            // The upstream answered before it had the whole request body, and hyper is
+            // still sending it: pooled now, the connection would hold up whoever takes
+            // it next. It joins the pool once idle, if that comes before the idle
+            // timeout. Bodiless requests, nearly all of them, never pay this task.
+            let timeout = self.idle_timeout;
+            tokio::spawn(async move {
+                if let Ok(Ok(())) = tokio::time::timeout(timeout, sender.ready()).await {
+                    self.push_idle(sender);
+                }
+            });
+            return;
+        }
+        self.push_idle(sender);
+    }
+
+    fn push_idle(&self, sender: SendRequest<RequestBody>) {
         if let Ok(mut idle) = self.idle.lock() {
             if idle.len() < self.max_idle {
                 idle.push(Idle {
@@ -185,10 +218,14 @@ impl Pool {
         self: &Arc<Self>,
         response: Response<Incoming>,
         sender: SendRequest<RequestBody>,
+        uploads: bool,
     ) -> Response<PooledBody> {
         // After 101 the connection belongs to the tunnel, never to the pool.
-        let home = (response.status() != StatusCode::SWITCHING_PROTOCOLS)
-            .then(|| (sender, Arc::downgrade(self)));
+        let home = (response.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Home {
+            sender,
+            pool: Arc::downgrade(self),
+            uploads,
+        });
         let (parts, inner) = response.into_parts();
         let mut body = PooledBody { inner, home };
         body.give_back_if_done();
@@ -200,7 +237,15 @@ impl Pool {
 /// end.
 pub struct PooledBody {
     inner: Incoming,
-    home: Option<(SendRequest<RequestBody>, Weak<Pool>)>,
+    home: Option<Home>,
+}
+
+/// Where a response's connection goes back to.
+struct Home {
+    sender: SendRequest<RequestBody>,
+    pool: Weak<Pool>,
+    /// The request had a body, which hyper may still be sending.
+    uploads: bool,
 }
 
 impl PooledBody {
@@ -211,9 +256,9 @@ impl PooledBody {
     }
 
     fn give_back(&mut self) {
-        if let Some((sender, pool)) = self.home.take() {
-            if let Some(pool) = pool.upgrade() {
-                pool.give_back(sender);
+        if let Some(home) = self.home.take() {
+            if let Some(pool) = home.pool.upgrade() {
+                pool.give_back(home.sender, home.uploads);
             }
         }
     }
@@ -230,6 +275,8 @@ impl hyper::body::Body for PooledBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.give_back(),
+            // Trailers end a body, and hyper's server stops polling once it has them.
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => self.give_back(),
             Poll::Ready(Some(Ok(_))) => self.give_back_if_done(),
             // A broken body leaves a connection in an unknown state: it goes.
             Poll::Ready(Some(Err(_))) => self.home = None,
@@ -244,5 +291,21 @@ impl hyper::body::Body for PooledBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_leaves_out_the_default_port_only() {
+        let host = |url: &str| host_header(&UpstreamUrl::parse(url).unwrap());
+        assert_eq!(host("http://svc"), "svc");
+        assert_eq!(host("http://svc:80/base"), "svc");
+        assert_eq!(host("https://svc:443"), "svc");
+        assert_eq!(host("http://svc:443"), "svc:443");
+        assert_eq!(host("https://127.0.0.1:8443"), "127.0.0.1:8443");
+        assert_eq!(host("http://[::1]:8081"), "[::1]:8081");
     }
 }

@@ -420,7 +420,6 @@ async fn sweep(shared: Arc<Shared>) {
     }
 }
 
-/// Writes the token snapshot every `snapshot_interval`, so a crash loses little.
 /// Closes upstream connections idle past `[upstream] pool_idle_timeout`, checking four
 /// times per timeout so none outlives it by more than a quarter.
 async fn close_idle_upstream_connections(shared: Arc<Shared>) {
@@ -433,6 +432,7 @@ async fn close_idle_upstream_connections(shared: Arc<Shared>) {
     }
 }
 
+/// Writes the token snapshot every `snapshot_interval`, so a crash loses little.
 async fn snapshots(shared: Arc<Shared>) {
     loop {
         tokio::time::sleep(shared.live().config.tokens.snapshot_interval).await;

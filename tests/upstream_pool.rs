@@ -2,7 +2,9 @@
 //! connections are reused and carry the upstream's own `Host`, a response read only in
 //! part costs its connection and nothing else, a connection the upstream closes is
 //! replaced unnoticed, and idle connections close after `[upstream] pool_idle_timeout`
-//! and beyond `pool_max_idle_per_host`.
+//! and beyond `pool_max_idle_per_host`, a connection still sending a request body waits
+//! outside the pool, trailers end a body like any other end, and a timed-out request's
+//! connection closes.
 
 mod common;
 use common::*;
@@ -252,4 +254,155 @@ async fn no_more_idle_connections_are_kept_than_pool_max_idle_per_host() {
     assert_eq!(get(&gw, &token, "/api/v1/x").await.status(), 200);
     assert_eq!(up.opened.load(Ordering::SeqCst), 3);
     assert_eq!(up.closed.load(Ordering::SeqCst), 2);
+}
+
+/// Reads one request head from `stream`, keeping any bytes after it in `buf`.
+async fn read_head(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i + 4]).into_owned();
+            buf.drain(..i + 4);
+            return Some(head);
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A raw HTTP/1.1 upstream: for each request head, `answer(head)` is written back, and
+/// `then(head)` says whether to read on (`true`) or to swallow the rest of the
+/// connection's bytes and close (`false`). Counts connections opened and closed.
+fn raw_upstream(
+    listener: TcpListener,
+    answer: fn(&str) -> &'static [u8],
+    keep_serving: fn(&str) -> bool,
+) -> (Arc<AtomicUsize>, Arc<AtomicUsize>, Task) {
+    let (opened, closed) = (Arc::<AtomicUsize>::default(), Arc::<AtomicUsize>::default());
+    let (open, close) = (opened.clone(), closed.clone());
+    let task = accept_loop(listener, move |mut stream| {
+        open.fetch_add(1, Ordering::SeqCst);
+        let close = close.clone();
+        async move {
+            let mut buf = Vec::new();
+            while let Some(head) = read_head(&mut stream, &mut buf).await {
+                let _ = stream.write_all(answer(&head)).await;
+                if !keep_serving(&head) {
+                    let mut sink = [0u8; 4096];
+                    while let Ok(n) = stream.read(&mut sink).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                    break;
+                }
+            }
+            close.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    (opened, closed, task)
+}
+
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+#[tokio::test]
+async fn connections_still_sending_a_body_wait_outside_the_pool() {
+    // The upstream answers each POST at once, before reading its body, then reads the
+    // body to its end: hyper keeps sending it after the response is complete.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_opened, _closed, _task) =
+        raw_upstream(listener, |_| OK, |head| !head.starts_with("POST"));
+    // Six such connections in the pool, each holding a request up to 250 ms, would
+    // push a GET past this deadline.
+    let gw = gateway_before(addr, "[upstream]\nresponse_timeout = \"1s\"\n").await;
+    let token = gw.alex_token().await;
+    let uploads: Vec<_> = (0..6)
+        .map(|_| {
+            // Ten bytes every 100 ms for 3 s.
+            let trickle = futures_util::stream::unfold(0, |i| async move {
+                if i == 30 {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Some((Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; 10])), i + 1))
+            });
+            let request = gw
+                .http1
+                .post(gw.url("/api/v1/upload"))
+                .bearer_auth(&token)
+                .body(reqwest::Body::wrap_stream(trickle));
+            tokio::spawn(async move {
+                let response = request.send().await.unwrap();
+                (response.status().as_u16(), response.text().await.unwrap())
+            })
+        })
+        .collect();
+    for upload in uploads {
+        let answer = tokio::time::timeout(Duration::from_secs(2), upload)
+            .await
+            .expect("the early answer arrives while the body is still being sent")
+            .unwrap();
+        assert_eq!(answer, (200, "ok".to_owned()));
+    }
+    let response = get(&gw, &token, "/api/v1/x").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "ok");
+}
+
+#[tokio::test]
+async fn a_response_with_trailers_keeps_its_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (opened, _closed, _task) = raw_upstream(
+        listener,
+        |_| {
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n\
+              2\r\nok\r\n0\r\nx-checksum: 1\r\n\r\n"
+        },
+        |_| true,
+    );
+    let gw = gateway_before(addr, "").await;
+    let token = gw.alex_token().await;
+    // hyper's servers, HTTP/1.1 and HTTP/2 alike, stop reading a body at its trailers.
+    for client in [&gw.http1, &gw.http2, &gw.http1, &gw.http2] {
+        let response = gw.bearer_get(client, "/api/v1/x", &token).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), "ok");
+    }
+    assert_eq!(opened.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_timed_out_request_closes_its_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Answers /api/v1/x; never answers /api/v1/hang.
+    let (opened, closed, _task) = raw_upstream(
+        listener,
+        |head| if head.contains("/hang") { b"" } else { OK },
+        |head| !head.contains("/hang"),
+    );
+    let gw = gateway_before(addr, "[upstream]\nresponse_timeout = \"500ms\"\n").await;
+    let token = gw.alex_token().await;
+    assert_eq!(get(&gw, &token, "/api/v1/x").await.status(), 200);
+    expect_error(
+        get(&gw, &token, "/api/v1/hang").await,
+        504,
+        "gateway_timeout",
+    )
+    .await;
+    // Half an exchange is still on that connection: it must close, not serve again.
+    let start = Instant::now();
+    while closed.load(Ordering::SeqCst) < 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the timed-out connection stays open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(&gw, &token, "/api/v1/x").await.status(), 200);
+    assert_eq!(opened.load(Ordering::SeqCst), 2);
 }
