@@ -191,14 +191,20 @@ impl Pool {
     }
 
     fn push_idle(&self, sender: SendRequest<RequestBody>) {
-        if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < self.max_idle {
-                idle.push(Idle {
-                    sender,
-                    since: Instant::now(),
-                });
-            }
+        if self.max_idle == 0 {
+            return;
         }
+        let stale = self.idle.lock().ok().and_then(|mut idle| {
+            // Full: the longest-idle connection makes room (closed once the lock is
+            // released), not the one that just proved itself.
+            let stale = (idle.len() >= self.max_idle).then(|| idle.remove(0));
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+            stale
+        });
+        drop(stale);
     }
 
     async fn connect(&self) -> Result<SendRequest<RequestBody>, BoxError> {

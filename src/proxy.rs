@@ -478,6 +478,7 @@ pub async fn forward(
             let failed = target;
             target = route.pick(Some(failed));
             tracing::debug!(
+                route = route.index,
                 failed = %route.targets[failed].url,
                 next = %route.targets[target].url,
                 "upstream connect failed before the request was sent; retrying on the next address"
