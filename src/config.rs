@@ -461,6 +461,12 @@ pub struct UpstreamUrl {
     pub authority: http::uri::Authority,
     /// Path prefix without a trailing slash; empty for none.
     pub prefix: String,
+    /// `scheme://authority/`: what a connection is opened to.
+    pub origin: http::Uri,
+    /// `Host` of requests sent there: the host, with the port only when it is not the
+    /// scheme's default (as clients write it, and as virtual hosts and signatures
+    /// expect).
+    pub host: http::HeaderValue,
 }
 
 impl UpstreamUrl {
@@ -490,10 +496,29 @@ impl UpstreamUrl {
                 "`{text}`: an upstream URL takes no query or fragment"
             ));
         }
+        let origin = http::Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+        let default_port = if scheme == http::uri::Scheme::HTTPS {
+            443
+        } else {
+            80
+        };
+        let host = match authority.port_u16() {
+            Some(port) if port != default_port => format!("{}:{port}", authority.host()),
+            _ => authority.host().to_owned(),
+        };
+        let host = http::HeaderValue::try_from(host)
+            .map_err(|_| format!("`{text}`: the host is not a valid Host header"))?;
         Ok(UpstreamUrl {
             scheme,
             authority,
             prefix: uri.path().trim_end_matches('/').to_owned(),
+            origin,
+            host,
         })
     }
 }
@@ -873,6 +898,19 @@ mod tests {
         }
         let error = UpstreamUrl::parse("http://user:secret@svc").unwrap_err();
         assert!(error.contains("no user or password"), "{error}");
+    }
+
+    #[test]
+    fn upstream_host_leaves_out_the_default_port_only() {
+        let host = |url: &str| UpstreamUrl::parse(url).unwrap().host;
+        assert_eq!(host("http://svc"), "svc");
+        assert_eq!(host("http://svc:80/base"), "svc");
+        assert_eq!(host("https://svc:443"), "svc");
+        assert_eq!(host("http://svc:443"), "svc:443");
+        assert_eq!(host("https://127.0.0.1:8443"), "127.0.0.1:8443");
+        assert_eq!(host("http://[::1]:8081"), "[::1]:8081");
+        let origin = |url: &str| UpstreamUrl::parse(url).unwrap().origin.to_string();
+        assert_eq!(origin("https://svc:8443/base/"), "https://svc:8443/");
     }
 
     #[test]

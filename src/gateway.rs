@@ -338,11 +338,11 @@ pub async fn handle(
             user = facts.user.as_deref(),
         )
     };
-    let result = if is_own_endpoint(request.uri().path()) {
+    let result = if let Some(endpoint) = OwnEndpoint::of(request.uri().path()) {
         // The gateway's own endpoints run in their span, so what they log on the way
         // (client, user) carries the request's context.
         let span = span(request.method(), request.uri().path(), &Facts::default());
-        let result = own_endpoint(&shared, &live, request, &peer)
+        let result = own_endpoint(endpoint, &shared, &live, request, &peer)
             .instrument(span.clone())
             .await;
         result.map_err(|error| (error, span))
@@ -386,24 +386,36 @@ struct Facts {
     user: Option<Arc<str>>,
 }
 
-/// Whether the gateway answers this path itself rather than routing it.
-fn is_own_endpoint(path: &str) -> bool {
-    matches!(
-        path,
-        "/api/oauth/token"
-            | "/api/oauth/authorize"
-            | "/api/oauth/revoke"
-            | "/api/oauth/introspect"
-            | "/.well-known/oauth-authorization-server"
-            | "/api/v1/auth/token/revoke"
-    ) || expired_user(path).is_some()
+/// An endpoint the gateway answers itself rather than routing.
+enum OwnEndpoint {
+    Token,
+    Authorize,
+    Revoke,
+    Introspect,
+    Metadata,
+    CovataRevoke,
+    /// `PUT /api/v1/users/{user}/expire`.
+    ExpireUser(String),
 }
 
-/// The user of `PUT /api/v1/users/{user}/expire`.
-fn expired_user(path: &str) -> Option<&str> {
-    path.strip_prefix("/api/v1/users/")
-        .and_then(|rest| rest.strip_suffix("/expire"))
-        .filter(|user| !user.is_empty() && !user.contains('/'))
+impl OwnEndpoint {
+    fn of(path: &str) -> Option<OwnEndpoint> {
+        Some(match path {
+            "/api/oauth/token" => OwnEndpoint::Token,
+            "/api/oauth/authorize" => OwnEndpoint::Authorize,
+            "/api/oauth/revoke" => OwnEndpoint::Revoke,
+            "/api/oauth/introspect" => OwnEndpoint::Introspect,
+            "/.well-known/oauth-authorization-server" => OwnEndpoint::Metadata,
+            "/api/v1/auth/token/revoke" => OwnEndpoint::CovataRevoke,
+            path => {
+                let user = path
+                    .strip_prefix("/api/v1/users/")
+                    .and_then(|rest| rest.strip_suffix("/expire"))
+                    .filter(|user| !user.is_empty() && !user.contains('/'))?;
+                OwnEndpoint::ExpireUser(user.to_owned())
+            }
+        })
+    }
 }
 
 /// RFC 9112 §6.3: both framings at once is the classic smuggling probe. hyper lets
@@ -421,32 +433,34 @@ fn refuse_double_framing(request: &Request<Incoming>) -> Result<(), Error> {
 }
 
 async fn own_endpoint(
+    endpoint: OwnEndpoint,
     shared: &Shared,
     live: &Live,
     request: Request<Incoming>,
     peer: &proxy::Peer,
 ) -> Result<Response<Body>, Error> {
     refuse_double_framing(&request)?;
-    let trusted = &live.config.server.trusted_proxies;
-    match request.uri().path() {
-        "/api/oauth/token" => {
-            let ip = proxy::client_ip(request.headers(), peer.addr.ip(), trusted);
+    let client_ip = || {
+        proxy::client_ip(
+            request.headers(),
+            peer.addr.ip(),
+            &live.config.server.trusted_proxies,
+        )
+    };
+    match endpoint {
+        OwnEndpoint::Token => {
+            let ip = client_ip();
             token::endpoint::handle(shared, live, request, ip).await
         }
-        "/api/oauth/authorize" => {
-            let ip = proxy::client_ip(request.headers(), peer.addr.ip(), trusted);
+        OwnEndpoint::Authorize => {
+            let ip = client_ip();
             crate::authorize::handle(shared, live, request, ip).await
         }
-        "/api/oauth/revoke" => lifecycle::revoke(shared, live, request).await,
-        "/api/oauth/introspect" => lifecycle::introspect(shared, live, request).await,
-        "/.well-known/oauth-authorization-server" => lifecycle::metadata(live, &request),
-        "/api/v1/auth/token/revoke" => lifecycle::covata_revoke(shared, live, request).await,
-        path => {
-            let user = expired_user(path)
-                .ok_or_else(|| Error::NotFound("no route matches this request".into()))?
-                .to_owned();
-            lifecycle::expire_user(shared, live, request, &user).await
-        }
+        OwnEndpoint::Revoke => lifecycle::revoke(shared, live, request).await,
+        OwnEndpoint::Introspect => lifecycle::introspect(shared, live, request).await,
+        OwnEndpoint::Metadata => lifecycle::metadata(live, &request),
+        OwnEndpoint::CovataRevoke => lifecycle::covata_revoke(shared, live, request).await,
+        OwnEndpoint::ExpireUser(user) => lifecycle::expire_user(shared, live, request, &user).await,
     }
 }
 

@@ -43,21 +43,6 @@ pub enum SendError {
     Request(hyper::Error),
 }
 
-/// `Host` for requests to `url`: its host, with the port only when it is not the
-/// scheme's default (as clients write it, and as virtual hosts and signatures expect).
-fn host_header(url: &UpstreamUrl) -> String {
-    let host = url.authority.host();
-    let default_port = if url.scheme == http::uri::Scheme::HTTPS {
-        443
-    } else {
-        80
-    };
-    match url.authority.port_u16() {
-        Some(port) if port != default_port => format!("{host}:{port}"),
-        _ => host.to_owned(),
-    }
-}
-
 /// How long a request waits for an idle connection to become ready before it takes
 /// another.
 const READY_WAIT: Duration = Duration::from_millis(250);
@@ -88,18 +73,10 @@ impl Pool {
         idle_timeout: Duration,
         max_idle: usize,
     ) -> Arc<Pool> {
-        let address = Uri::builder()
-            .scheme(url.scheme.clone())
-            .authority(url.authority.clone())
-            .path_and_query("/")
-            .build()
-            .expect("a scheme and an authority make a URI");
-        let host = HeaderValue::from_str(&host_header(url))
-            .expect("a host and port are a valid header value");
         Arc::new(Pool {
             connector,
-            address,
-            host,
+            address: url.origin.clone(),
+            host: url.host.clone(),
             idle: Mutex::new(Vec::new()),
             idle_timeout,
             max_idle,
@@ -153,11 +130,6 @@ impl Pool {
         if let Ok(mut idle) = self.idle.lock() {
             idle.retain(|c| c.since.elapsed() < timeout && !c.sender.is_closed());
         }
-    }
-
-    /// How many idle connections the pool holds.
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().map_or(0, |idle| idle.len())
     }
 
     fn take_idle(&self) -> Option<SendRequest<RequestBody>> {
@@ -297,21 +269,5 @@ impl hyper::body::Body for PooledBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_leaves_out_the_default_port_only() {
-        let host = |url: &str| host_header(&UpstreamUrl::parse(url).unwrap());
-        assert_eq!(host("http://svc"), "svc");
-        assert_eq!(host("http://svc:80/base"), "svc");
-        assert_eq!(host("https://svc:443"), "svc");
-        assert_eq!(host("http://svc:443"), "svc:443");
-        assert_eq!(host("https://127.0.0.1:8443"), "127.0.0.1:8443");
-        assert_eq!(host("http://[::1]:8081"), "[::1]:8081");
     }
 }

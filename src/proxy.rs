@@ -250,8 +250,9 @@ pub struct Peer {
 impl Peer {
     /// The peer at `addr`.
     pub fn new(addr: SocketAddr) -> Self {
-        let header = HeaderValue::from_str(&addr.ip().to_string())
-            .expect("an IP address is a valid header value");
+        // An IP address is always a valid header value; the fallback is never taken.
+        let header = HeaderValue::try_from(addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         Peer { addr, header }
     }
 }
@@ -466,29 +467,28 @@ pub async fn forward(
     *forwarded.headers_mut() = parts.headers;
 
     let deadline = tokio::time::Instant::now() + route.response_timeout;
-    let mut target = route.pick(None);
+    let target = route.pick(None);
     *forwarded.uri_mut() = upstream_uri(&route.targets[target].url, &path, original)?;
     let mut outcome = send(&route.targets[target], forwarded, deadline).await;
-    if let Err(Failure::Connect(_, _)) = &outcome {
+    if let Err(Failure::Connect(error, mut unsent)) = outcome {
         route.targets[target].mark_down(route.cooldown);
-        if route.targets.len() > 1 {
-            let Err(Failure::Connect(_, mut unsent)) = outcome else {
-                unreachable!("matched just above")
-            };
-            let failed = target;
-            target = route.pick(Some(failed));
+        outcome = if route.targets.len() > 1 {
+            let next = route.pick(Some(target));
             tracing::debug!(
                 route = route.index,
-                failed = %route.targets[failed].url,
-                next = %route.targets[target].url,
+                failed = %route.targets[target].url,
+                next = %route.targets[next].url,
                 "upstream connect failed before the request was sent; retrying on the next address"
             );
-            *unsent.uri_mut() = upstream_uri(&route.targets[target].url, &path, original)?;
-            outcome = send(&route.targets[target], *unsent, deadline).await;
-            if let Err(Failure::Connect(_, _)) = &outcome {
-                route.targets[target].mark_down(route.cooldown);
+            *unsent.uri_mut() = upstream_uri(&route.targets[next].url, &path, original)?;
+            let retried = send(&route.targets[next], *unsent, deadline).await;
+            if let Err(Failure::Connect(_, _)) = &retried {
+                route.targets[next].mark_down(route.cooldown);
             }
-        }
+            retried
+        } else {
+            Err(Failure::Connect(error, unsent))
+        };
     }
     let mut response = outcome.map_err(|failure| match failure {
         Failure::Connect(error, _) => classify(&*error, true, route),

@@ -372,6 +372,8 @@ impl Node {
 pub struct RouteTable {
     routes: Vec<Route>,
     root: Node,
+    /// Each upstream connection pool once, however many routes name its address.
+    pools: Vec<Arc<Pool>>,
 }
 
 fn best_of(
@@ -401,7 +403,7 @@ impl RouteTable {
         tls: &rustls::ClientConfig,
     ) -> RouteTable {
         let mut connectors = HashMap::new();
-        let mut pools: HashMap<(String, Duration), Arc<Pool>> = HashMap::new();
+        let mut pools: HashMap<(http::Uri, Duration), Arc<Pool>> = HashMap::new();
         let mut root = Node::default();
         let routes = routes
             .iter()
@@ -410,10 +412,7 @@ impl RouteTable {
                 root.insert(&r.path.segments, index);
                 let connect_timeout = r.connect_timeout.unwrap_or(defaults.connect_timeout);
                 let mut pool_for = |url: &UpstreamUrl| {
-                    let key = (
-                        format!("{}://{}", url.scheme, url.authority),
-                        connect_timeout,
-                    );
+                    let key = (url.origin.clone(), connect_timeout);
                     pools
                         .entry(key)
                         .or_insert_with(|| {
@@ -464,15 +463,17 @@ impl RouteTable {
                 }
             })
             .collect();
-        RouteTable { routes, root }
+        let pools = pools.into_values().collect();
+        RouteTable {
+            routes,
+            root,
+            pools,
+        }
     }
 
-    /// Every upstream connection pool the routes use (a pool shared by several
-    /// routes is listed once per address naming it).
+    /// Every upstream connection pool the routes use, each once.
     pub fn pools(&self) -> impl Iterator<Item = &Pool> {
-        self.routes
-            .iter()
-            .flat_map(|r| r.targets.iter().map(|t| &*t.pool))
+        self.pools.iter().map(|pool| &**pool)
     }
 
     /// The first route matching a normalised path, method and host (without port).
