@@ -42,14 +42,15 @@ def cell(rows):
         errors = {k: n for k, n in errors.items() if k != "aborted due to deadline"}
         ok += sum(n for code, n in codes.items() if str(code).startswith("2"))
         total += sum(codes.values()) + sum(errors.values())
-    def cpu_per_request(r):
-        seconds = r.get("cpu_seconds")
+    def cpu_per_request(r, key="cpu_seconds"):
+        seconds = r.get(key)
         codes = r["oha"].get("statusCodeDistribution", {}) or {}
         n = sum(codes.values())
         return seconds * 1e6 / n if seconds and n else None
 
     return {
         "cpu_us": med([cpu_per_request(r) for r in rows]),
+        "cpu_user_us": med([cpu_per_request(r, "cpu_user_seconds") for r in rows]),
         "rps": med([s.get("requestsPerSec") for s in summaries]),
         "p50": med([pct(r, "p50") for r in rows]),
         "p99": med([pct(r, "p99") for r in rows]),
@@ -112,11 +113,18 @@ def main():
         pass
     if args.rate:
         print(f"Fixed-rate runs: {args.rate} req/s (half the slower system's HTTP/1.1 capacity), with latency correction.")
-        cpu = {t: cell(cells[("fixed", t)])["cpu_us"] for t in ("nginx", "gateway") if ("fixed", t) in cells}
-        if cpu.get("gateway"):
-            line = f"CPU per request at the fixed rate: gateway {cpu['gateway']:.1f} µs"
-            if cpu.get("nginx"):
-                line += f", nginx {cpu['nginx']:.1f} µs (gateway/nginx {cpu['gateway'] / cpu['nginx']:.2f}×)"
+        cpu = {t: cell(cells[("fixed", t)]) for t in ("nginx", "gateway") if ("fixed", t) in cells}
+
+        def spent(t):
+            c = cpu[t]
+            user = f", {c['cpu_user_us']:.1f} of it in user space" if c["cpu_user_us"] is not None else ""
+            return f"{t} {c['cpu_us']:.1f} µs{user}"
+
+        if cpu.get("gateway", {}).get("cpu_us"):
+            line = f"CPU per request at the fixed rate: {spent('gateway')}"
+            if cpu.get("nginx", {}).get("cpu_us"):
+                ratio = cpu["gateway"]["cpu_us"] / cpu["nginx"]["cpu_us"]
+                line += f"; {spent('nginx')} (gateway/nginx {ratio:.2f}×)"
             print(line + ".")
     print(f"Gateway RSS after the run: {args.rss_kb / 1024:.1f} MiB.")
     if failed:

@@ -143,23 +143,24 @@ REFRESH=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["refresh_token
 
 RESULTS=$WORK/results.jsonl
 : >"$RESULTS"
-# CPU time (user + system, clock ticks) a process has used so far.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# CPU time a process has used so far, in clock ticks: "user system".
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat" 2>/dev/null || echo 0 0; }
 run() { # scenario target round -- oha args...   (CPU_PID=pid: also record its CPU time)
   local scenario=$1 target=$2 round=$3; shift 4
-  local out="$WORK/oha.json" before=0 after=0
+  local out="$WORK/oha.json" before="0 0" after="0 0"
   [ -n "${CPU_PID:-}" ] && before=$(cpu_ticks "$CPU_PID")
   taskset -c $CLIENT_CPU oha --no-tui --output-format json "$@" >"$out" 2>"$WORK/oha.err" || true
   [ -n "${CPU_PID:-}" ] && after=$(cpu_ticks "$CPU_PID")
-  python3 - "$scenario" "$target" "$round" "$out" "$((after - before))" "$(getconf CLK_TCK)" >>"$RESULTS" <<'PY'
+  python3 - "$scenario" "$target" "$round" "$out" "$before" "$after" "$(getconf CLK_TCK)" >>"$RESULTS" <<'PY'
 import json, sys
-scenario, target, rnd, path, ticks, hz = sys.argv[1:7]
+scenario, target, rnd, path, before, after, hz = sys.argv[1:8]
+user, system = (int(a) - int(b) for a, b in zip(after.split(), before.split()))
 try:
     data = json.load(open(path))
 except Exception as e:
     data = {"error": str(e)}
 print(json.dumps({"scenario": scenario, "target": target, "round": int(rnd), "oha": data,
-                  "cpu_seconds": int(ticks) / int(hz)}))
+                  "cpu_seconds": (user + system) / int(hz), "cpu_user_seconds": user / int(hz)}))
 PY
 }
 
