@@ -342,7 +342,10 @@ pub async fn handle(
         // The gateway's own endpoints run in their span, so what they log on the way
         // (client, user) carries the request's context.
         let span = span(request.method(), request.uri().path(), &Facts::default());
-        let result = own_endpoint(endpoint, &shared, &live, request, &peer)
+        // Boxed, here and below: inline, the largest branch sets the size of every
+        // request's future, which hyper's HTTP/2 server copies several times as it
+        // spawns each stream.
+        let result = Box::pin(own_endpoint(endpoint, &shared, &live, request, &peer))
             .instrument(span.clone())
             .await;
         result.map_err(|error| (error, span))
@@ -352,7 +355,7 @@ pub async fn handle(
         // the gateway's work per request).
         let (method, uri) = (request.method().clone(), request.uri().clone());
         let mut facts = Facts::default();
-        let result = proxied(&shared, &live, request, &peer, &mut facts).await;
+        let result = Box::pin(proxied(&shared, &live, request, &peer, &mut facts)).await;
         result.map_err(|error| (error, span(&method, uri.path(), &facts)))
     };
     let mut response = match result {

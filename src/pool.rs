@@ -114,7 +114,9 @@ impl Pool {
                 },
             }
         }
-        let mut sender = match self.connect().await {
+        // Boxed: inline, the connect future (rarely awaited, as connections are reused)
+        // would be most of the size of every request's future, copied as it moves.
+        let mut sender = match Box::pin(self.connect()).await {
             Ok(sender) => sender,
             Err(error) => return Err(SendError::Connect(error, Box::new(request))),
         };
