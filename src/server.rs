@@ -7,7 +7,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -62,6 +62,9 @@ struct IdleIo<T> {
     timeout: Duration,
     last_activity: Instant,
     timer: Pin<Box<Sleep>>,
+    /// The waker the timer was last polled with: while it is this task's and the timer
+    /// has not fired, there is no need to poll the timer again on every stalled read.
+    timer_waker: Option<Waker>,
 }
 
 impl<T> IdleIo<T> {
@@ -71,11 +74,20 @@ impl<T> IdleIo<T> {
             timeout,
             last_activity: Instant::now(),
             timer: Box::pin(tokio::time::sleep(timeout)),
+            timer_waker: None,
         }
     }
 
     /// Called when the inner stream is not ready: is the connection idle too long?
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let armed = self
+            .timer_waker
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()));
+        if armed && !self.timer.is_elapsed() {
+            return Poll::Pending;
+        }
+        self.timer_waker = Some(cx.waker().clone());
         while self.timer.as_mut().poll(cx).is_ready() {
             let deadline = self.last_activity + self.timeout;
             if Instant::now() >= deadline {
@@ -279,21 +291,31 @@ pub async fn serve(
             let connection = watcher.watch(connection);
             let deadline = tokio::time::sleep(header_read_timeout);
             tokio::pin!(connection, deadline);
-            tokio::select! {
-                result = &mut connection => {
-                    if let Err(error) = result {
-                        tracing::debug!(%peer, %error, "connection ended with an error");
-                    }
+            // The deadline is looked at only until the first request: polled on every
+            // wake of a busy connection, it would cost every request a timer poll.
+            let ended = std::future::poll_fn(|cx| {
+                if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+                    return Poll::Ready(Some(result));
                 }
-                () = &mut deadline, if !first_request.load(Ordering::Relaxed) => {
-                    if first_request.load(Ordering::Relaxed) {
-                        // The first request arrived as the timer fired: serve on.
-                        if let Err(error) = connection.await {
-                            tracing::debug!(%peer, %error, "connection ended with an error");
-                        }
-                    } else {
-                        tracing::debug!(%peer, "no request head within header_read_timeout; closing");
-                    }
+                if !first_request.load(Ordering::Relaxed) && deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
+            })
+            .await;
+            let result = match ended {
+                Some(result) => Some(result),
+                // The first request arrived as the timer fired: serve on.
+                None if first_request.load(Ordering::Relaxed) => Some(connection.await),
+                None => None,
+            };
+            match result {
+                Some(Err(error)) => {
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                }
+                Some(Ok(())) => {}
+                None => {
+                    tracing::debug!(%peer, "no request head within header_read_timeout; closing");
                 }
             }
             shared.metrics.connection_closed();

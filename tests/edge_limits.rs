@@ -409,6 +409,33 @@ async fn a_slowloris_head_is_cut_off_while_other_clients_are_served() {
     still_serves(&gw, &up).await;
 }
 
+/// On HTTP/2 the gateway's own header_read_timeout deadline covers the preface and the
+/// first request only: a connection past its first request may sit quiet for longer
+/// (up to idle_timeout) and be served again. (On HTTP/1.1 hyper also bounds the wait
+/// between keep-alive requests by it, as config.toml says.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_past_its_first_request_outlives_header_read_timeout() {
+    let up = Counting::start().await;
+    let gw = start(&up, "header_read_timeout = \"300ms\"", "").await;
+    let token = gw.alex_token().await;
+    let (mut sender, mut task) = h2_client(&gw).await;
+    let first = sender
+        .send_request(get(&gw, "/api/v1/kept/0", &token, true))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    assert!(
+        !ends_within(&mut task, Duration::from_millis(900)).await,
+        "the connection closed within three header_read_timeouts of its first request"
+    );
+    let second = sender
+        .send_request(get(&gw, "/api/v1/kept/1", &token, true))
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 200);
+    assert_eq!(up.paths(), ["/api/v1/kept/0", "/api/v1/kept/1"]);
+}
+
 /// HTTP/2 starts with a 24-byte connection preface before any request head; a client
 /// that drips it is just as much a slowloris and the same deadline applies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
