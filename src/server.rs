@@ -7,7 +7,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -62,9 +62,6 @@ struct IdleIo<T> {
     timeout: Duration,
     last_activity: Instant,
     timer: Pin<Box<Sleep>>,
-    /// The waker the timer was last polled with: while it is this task's and the timer
-    /// has not fired, there is no need to poll the timer again on every stalled read.
-    timer_waker: Option<Waker>,
 }
 
 impl<T> IdleIo<T> {
@@ -74,20 +71,15 @@ impl<T> IdleIo<T> {
             timeout,
             last_activity: Instant::now(),
             timer: Box::pin(tokio::time::sleep(timeout)),
-            timer_waker: None,
         }
     }
 
     /// Called when the inner stream is not ready: is the connection idle too long?
+    ///
+    /// The timer is polled on every stall, not skipped while it seems armed: a poll
+    /// refused for want of task budget registers nothing, and an upgraded connection
+    /// moves to another task, so only polling again keeps the timer waking this one.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        let armed = self
-            .timer_waker
-            .as_ref()
-            .is_some_and(|waker| waker.will_wake(cx.waker()));
-        if armed && !self.timer.is_elapsed() {
-            return Poll::Pending;
-        }
-        self.timer_waker = Some(cx.waker().clone());
         while self.timer.as_mut().poll(cx).is_ready() {
             let deadline = self.last_activity + self.timeout;
             if Instant::now() >= deadline {
@@ -499,6 +491,65 @@ async fn watch_certificate(shared: Arc<Shared>) {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// As an upgraded connection does: one task reads a little, another takes over,
+    /// drains a burst (its first stall comes with the task budget spent), and then the
+    /// peer falls silent. The idle timer must wake the second task.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_io_times_out_in_the_task_it_moved_to_after_a_burst() {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(8 << 20).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut idle = IdleIo::new(server, Duration::from_millis(500));
+        // The first task: one stalled read, which arms the timer with its waker.
+        let mut idle = tokio::spawn(async move {
+            std::future::poll_fn(|cx| {
+                let mut byte = [0u8; 1];
+                let stalled = Pin::new(&mut idle)
+                    .poll_read(cx, &mut ReadBuf::new(&mut byte))
+                    .is_pending();
+                assert!(stalled);
+                Poll::Ready(())
+            })
+            .await;
+            idle
+        })
+        .await
+        .unwrap();
+        let writer = tokio::spawn(async move {
+            client.write_all(&vec![7u8; 8 << 20]).await.unwrap();
+            // Open and silent from here on.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(client);
+        });
+        // The burst is waiting in the socket before the second task starts to read.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
+        let copied = tokio::spawn(async move {
+            let mut sink = tokio::io::sink();
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::io::copy(&mut idle, &mut sink),
+            )
+            .await
+        })
+        .await
+        .unwrap();
+        writer.abort();
+        match copied {
+            Ok(Err(error)) => assert_eq!(error.kind(), io::ErrorKind::TimedOut),
+            other => panic!(
+                "not closed by the idle timer: {other:?} after {:?}",
+                started.elapsed()
+            ),
+        }
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
 
     #[tokio::test]
     async fn idle_io_fails_after_silence_but_not_while_bytes_move() {
