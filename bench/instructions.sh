@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-4000}
 
-need() { command -v "$1" >/dev/null 2>&1 || { echo "instructions: $1 is needed ($2)" >&2; exit 2; }; }
+. bench/common.sh
 need valgrind "apt-get install valgrind"
 need callgrind_annotate "apt-get install valgrind"
 need oha "cargo install oha --locked"
@@ -23,21 +23,10 @@ need python3 "apt-get install python3"
 
 cargo build --release --quiet --bin covata-gateway
 BIN=$PWD/target/release/covata-gateway
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 UP=$(free_port); GW=$(free_port)
 export TOKIO_WORKER_THREADS=1
 "$BIN" demo-upstream --listen 127.0.0.1:$UP --body-size 64 >"$WORK/up.log" 2>&1 & PIDS+=($!)
-CLIENT_HASH=$(printf 'bench-secret\n' | "$BIN" hash-password)
-USER_HASH=$(printf 'bench-password\n' | "$BIN" hash-password)
+IDENTITIES=$(bench_identities "$BIN")
 cat >"$WORK/gateway.toml" <<TOML
 [server]
 listen = "127.0.0.1:$GW"
@@ -45,14 +34,7 @@ tls_cert = "gateway.crt"
 tls_key = "gateway.key"
 [admin]
 listen = "127.0.0.1:0"
-[[clients]]
-client_id = "bench"
-client_secret = "$CLIENT_HASH"
-authorized_grant_types = ["password"]
-[[users]]
-username = "bench@example.com"
-password = "$USER_HASH"
-roles = ["ROLE_COLLABORATOR"]
+$IDENTITIES
 [[routes]]
 path = "/**"
 upstream = "http://127.0.0.1:$UP"

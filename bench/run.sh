@@ -17,7 +17,7 @@ ROUNDS=${ROUNDS:-3}
 CONCURRENCY=${CONCURRENCY:-50}
 if [ "${1:-}" = "--quick" ]; then DURATION=2s; ROUNDS=1; fi
 
-need() { command -v "$1" >/dev/null 2>&1 || { echo "bench: $1 is needed ($2)" >&2; exit 2; }; }
+. bench/common.sh
 need oha "cargo install oha --locked"
 need curl "apt-get install curl"
 need python3 "apt-get install python3"
@@ -34,17 +34,6 @@ echo "== building the release binary" >&2
 cargo build --release --quiet --bin covata-gateway --example argon2_rate
 BIN=$PWD/target/release/covata-gateway
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "bench: nothing listens on $1" >&2; exit 1; }
 
 UP=$(free_port); UP64=$(free_port); GW=$(free_port); NGX=$(free_port)
@@ -63,8 +52,7 @@ SERVE="setsid taskset -c $SERVER_CPU"
 $SERVE "$BIN" demo-upstream --listen 127.0.0.1:$UP --body-size 64 >"$WORK/up.log" 2>&1 & PIDS+=($!)
 $SERVE "$BIN" demo-upstream --listen 127.0.0.1:$UP64 --body-size 65536 >"$WORK/up64.log" 2>&1 & PIDS+=($!)
 
-CLIENT_HASH=$(printf 'bench-secret\n' | "$BIN" hash-password)
-USER_HASH=$(printf 'bench-password\n' | "$BIN" hash-password)
+IDENTITIES=$(bench_identities "$BIN")
 cat >"$WORK/gateway.toml" <<TOML
 [server]
 listen = "127.0.0.1:$GW"
@@ -82,14 +70,7 @@ max_families_per_user = 100000000
 # The refresh runs issue two records per request, tens of thousands a second: room
 # for all of them, so the cap (503) never decides a result.
 max_live_tokens = 50000000
-[[clients]]
-client_id = "bench"
-client_secret = "$CLIENT_HASH"
-authorized_grant_types = ["password", "refresh_token"]
-[[users]]
-username = "bench@example.com"
-password = "$USER_HASH"
-roles = ["ROLE_COLLABORATOR"]
+$IDENTITIES
 [[routes]]
 path = "/big/**"
 upstream = "http://127.0.0.1:$UP64"

@@ -455,13 +455,9 @@ impl<'de> Deserialize<'de> for MethodName {
 /// An upstream base URL: `http[s]://authority[/prefix]`, no query or fragment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
-    /// `http` or `https`.
-    pub scheme: http::uri::Scheme,
-    /// `host:port`.
-    pub authority: http::uri::Authority,
     /// Path prefix without a trailing slash; empty for none.
     pub prefix: String,
-    /// `scheme://authority/`: what a connection is opened to.
+    /// `scheme://authority/` (`http` or `https`): what a connection is opened to.
     pub origin: http::Uri,
     /// `Host` of requests sent there: the host, with the port only when it is not the
     /// scheme's default (as clients write it, and as virtual hosts and signatures
@@ -514,12 +510,17 @@ impl UpstreamUrl {
         let host = http::HeaderValue::try_from(host)
             .map_err(|_| format!("`{text}`: the host is not a valid Host header"))?;
         Ok(UpstreamUrl {
-            scheme,
-            authority,
             prefix: uri.path().trim_end_matches('/').to_owned(),
             origin,
             host,
         })
+    }
+}
+
+impl UpstreamUrl {
+    /// Whether connections to it use TLS.
+    pub fn is_https(&self) -> bool {
+        self.origin.scheme() == Some(&http::uri::Scheme::HTTPS)
     }
 }
 
@@ -532,7 +533,9 @@ impl<'de> Deserialize<'de> for UpstreamUrl {
 
 impl fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}{}", self.scheme, self.authority, self.prefix)
+        let scheme = self.origin.scheme_str().unwrap_or_default();
+        let authority = self.origin.authority().map_or("", |a| a.as_str());
+        write!(f, "{scheme}://{authority}{}", self.prefix)
     }
 }
 
@@ -885,7 +888,9 @@ mod tests {
     #[test]
     fn upstream_urls_are_plain_http_or_https_bases() {
         let url = UpstreamUrl::parse("https://svc:8443/base/").unwrap();
-        assert_eq!(url.authority.as_str(), "svc:8443");
+        assert_eq!(url.origin.authority().unwrap().as_str(), "svc:8443");
+        assert!(url.is_https());
+        assert_eq!(url.to_string(), "https://svc:8443/base");
         assert_eq!(url.prefix, "/base");
         for bad in [
             "http://user:secret@svc:8081",

@@ -198,6 +198,7 @@ fn is_dropped_request_header(name: &HeaderName, forward_authorization: bool) -> 
 /// pass over the names present rather than one lookup per name that might be.
 fn remove_headers(headers: &mut HeaderMap, drop: impl Fn(&HeaderName) -> bool) {
     let mut doomed: Vec<HeaderName> = headers.keys().filter(|n| drop(n)).cloned().collect();
+    // `Connection` is hop-by-hop itself: when it is present, `doomed` is not empty.
     if !doomed.is_empty() {
         doomed.extend(
             headers
@@ -424,6 +425,8 @@ fn too_large(limit: u64) -> Error {
 }
 
 /// Forwards a request to its route's upstream and streams the answer back.
+/// `original_host` is the Host the client addressed ([`request_host`]), passed on as
+/// `X-Forwarded-Host`.
 ///
 /// An `Upgrade` request is forwarded with its `Upgrade` header; only when the upstream
 /// answers 101 do the two connections become a byte tunnel. Any other answer is an
@@ -432,6 +435,7 @@ fn too_large(limit: u64) -> Error {
 pub async fn forward(
     route: &Route,
     identity: Option<&Identity>,
+    original_host: Option<HeaderValue>,
     mut request: Request<Incoming>,
     path: &str,
     origin: &Origin<'_>,
@@ -449,7 +453,6 @@ pub async fn forward(
     }
     let upgrade = upgrade_requested(&request);
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
-    let original_host = request_host(&request);
     let (mut parts, incoming) = request.into_parts();
     let path = route.rewrite(path);
     rewrite_request_headers(&mut parts.headers, original_host, identity, route, origin);

@@ -299,16 +299,13 @@ pub async fn serve(
                 Some(result) => Some(result),
                 // The first request arrived as the timer fired: serve on.
                 None if first_request.load(Ordering::Relaxed) => Some(connection.await),
-                None => None,
-            };
-            match result {
-                Some(Err(error)) => {
-                    tracing::debug!(%peer, %error, "connection ended with an error");
-                }
-                Some(Ok(())) => {}
                 None => {
                     tracing::debug!(%peer, "no request head within header_read_timeout; closing");
+                    None
                 }
+            };
+            if let Some(Err(error)) = result {
+                tracing::debug!(%peer, %error, "connection ended with an error");
             }
             shared.metrics.connection_closed();
         });
