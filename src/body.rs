@@ -9,10 +9,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 
-use crate::pool::PooledBody;
+use crate::upstream::ResponseBody;
 
 /// Body of every response the gateway sends.
-pub type Body = Either<Full<Bytes>, PooledBody>;
+pub type Body = Either<Full<Bytes>, ResponseBody>;
 
 /// A complete in-memory body.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
@@ -25,7 +25,7 @@ pub fn empty() -> Body {
 }
 
 /// A body streamed from the upstream as it arrives.
-pub fn streamed(upstream: PooledBody) -> Body {
+pub fn streamed(upstream: ResponseBody) -> Body {
     Either::Right(upstream)
 }
 

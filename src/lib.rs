@@ -4,7 +4,9 @@
 //!
 //! Where a request goes, by file: [`server`] accepts it and runs TLS and HTTP;
 //! [`gateway`] dispatches it: to [`token`] for the token endpoint, otherwise through
-//! [`routes`] (which route), [`auth`] (the bearer check) and [`proxy`] (the upstream).
+//! [`routes`] (which route), [`auth`] (the bearer check) and [`proxy`] (the header
+//! rewrite), which sends it through a [`pool`] connection speaking [`upstream`]
+//! HTTP/1.1.
 //! Failures become responses in [`error`]. [`config`] reads `config.toml`.
 
 pub mod admin;
@@ -26,6 +28,7 @@ pub mod routes;
 pub mod server;
 pub mod tls;
 pub mod token;
+pub mod upstream;
 
 pub use config::{Config, ConfigError};
 pub use gateway::Gateway;

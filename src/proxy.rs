@@ -1,8 +1,9 @@
-//! Forwarding to upstreams: the pooled client, the header rewrite, and streaming.
+//! Forwarding to upstreams: the header rewrite, retries across addresses, upgrades,
+//! and streaming.
 //!
-//! Both bodies stream: the request's `Incoming` is handed to the upstream client as it
-//! is, and the upstream's `Incoming` becomes the response body, so a 10 MiB chunk of
-//! Covata's content service passes through without being held in memory.
+//! Both bodies stream: the request's `Incoming` is written to the upstream as it
+//! arrives, and the upstream's body is read as the client takes it, so a 10 MiB chunk
+//! of Covata's content service passes through without being held in memory.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -16,17 +17,18 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
+use tokio::io::AsyncWriteExt;
 
 use crate::body::{self, Body};
 use crate::error::Error;
-use crate::pool::{BoxError, Connector, PooledBody, SendError};
+use crate::pool::{SendError, Upgrade};
 use crate::routes::{Route, Target};
 use crate::token::Identity;
+use crate::upstream::{BoxError, Connector, ResponseBody, WireError};
 
 /// TLS settings for `https://` upstreams: the roots of `ca_file`, else the system's.
 /// `needed` is false when no route uses https, so a machine without a CA bundle can
@@ -67,16 +69,7 @@ pub fn upstream_tls(ca_file: Option<&Path>, needed: bool) -> Result<rustls::Clie
 /// Builds the upstream connector (TCP, and TLS for `https://`) with the given connect
 /// deadline.
 pub fn connector(tls: rustls::ClientConfig, connect_timeout: Duration) -> Connector {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    // Small proxied requests would otherwise wait on Nagle's algorithm.
-    connector.set_nodelay(true);
-    connector.enforce_http(false);
-    hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(connector)
+    Connector::new(tls, connect_timeout)
 }
 
 /// The body the gateway forwards: the client's, streamed, cut off past a route's
@@ -212,11 +205,6 @@ fn remove_headers(headers: &mut HeaderMap, drop: impl Fn(&HeaderName) -> bool) {
     for name in &doomed {
         headers.remove(name);
     }
-}
-
-/// Removes hop-by-hop headers, including those the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    remove_headers(headers, is_hop_by_hop);
 }
 
 /// The client's address as the gateway should believe it: the peer, unless the peer is
@@ -384,7 +372,7 @@ fn classify(error: &(dyn std::error::Error + 'static), connect: bool, route: &Ro
 enum Failure {
     /// No connection; the request was not sent and comes back whole.
     Connect(BoxError, Box<Request<RequestBody>>),
-    Other(hyper::Error),
+    Other(WireError),
     TimedOut,
 }
 
@@ -392,8 +380,9 @@ async fn send(
     target: &Target,
     request: Request<RequestBody>,
     deadline: tokio::time::Instant,
-) -> Result<Response<PooledBody>, Failure> {
-    match tokio::time::timeout_at(deadline, target.pool.send(request)).await {
+    upgrade: bool,
+) -> Result<Response<ResponseBody>, Failure> {
+    match tokio::time::timeout_at(deadline, target.pool.send(request, upgrade)).await {
         Err(_) => Err(Failure::TimedOut),
         Ok(Err(SendError::Connect(error, request))) => Err(Failure::Connect(error, request)),
         Ok(Err(SendError::Request(error))) => Err(Failure::Other(error)),
@@ -472,7 +461,8 @@ pub async fn forward(
     let deadline = tokio::time::Instant::now() + route.response_timeout;
     let target = route.pick(None);
     *forwarded.uri_mut() = upstream_uri(&route.targets[target].url, &path, original)?;
-    let mut outcome = send(&route.targets[target], forwarded, deadline).await;
+    let upgrading = upgrade.is_some();
+    let mut outcome = send(&route.targets[target], forwarded, deadline, upgrading).await;
     if let Err(Failure::Connect(error, mut unsent)) = outcome {
         route.targets[target].mark_down(route.cooldown);
         outcome = if route.targets.len() > 1 {
@@ -484,7 +474,7 @@ pub async fn forward(
                 "upstream connect failed before the request was sent; retrying on the next address"
             );
             *unsent.uri_mut() = upstream_uri(&route.targets[next].url, &path, original)?;
-            let retried = send(&route.targets[next], *unsent, deadline).await;
+            let retried = send(&route.targets[next], *unsent, deadline, upgrading).await;
             if let Err(Failure::Connect(_, _)) = &retried {
                 route.targets[next].mark_down(route.cooldown);
             }
@@ -493,7 +483,7 @@ pub async fn forward(
             Err(Failure::Connect(error, unsent))
         };
     }
-    let mut response = outcome.map_err(|failure| match failure {
+    let response = outcome.map_err(|failure| match failure {
         Failure::Connect(error, _) => classify(&*error, true, route),
         Failure::Other(error) => classify(&error, false, route),
         Failure::TimedOut => Error::GatewayTimeout(
@@ -506,65 +496,50 @@ pub async fn forward(
     })?;
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // The wire layer accepts a 101 only for a request that asked to upgrade.
         let Some(client_upgrade) = client_upgrade else {
             return Err(Error::BadGateway(
                 "the upstream switched protocols unasked".into(),
             ));
         };
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let (mut parts, upstream) = response.into_parts();
+        let Some((mut upstream_io, early)) = upstream.into_upgraded() else {
+            return Err(Error::BadGateway("the upstream connection is gone".into()));
+        };
         tokio::spawn(async move {
-            match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok((client_io, upstream_io)) => {
-                    let (mut client_io, mut upstream_io) =
-                        (TokioIo::new(client_io), TokioIo::new(upstream_io));
-                    if let Err(error) =
+            match client_upgrade.await {
+                Ok(client_io) => {
+                    let mut client_io = TokioIo::new(client_io);
+                    // Bytes the upstream sent right behind its 101 belong to the tunnel.
+                    let copied = async {
+                        client_io.write_all(&early).await?;
                         tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io).await
-                    {
+                    };
+                    if let Err(error) = copied.await {
                         tracing::debug!(%error, "upgraded connection ended with an error");
                     }
                 }
                 Err(error) => tracing::debug!(%error, "protocol switch failed"),
             }
         });
-        let (mut parts, _) = response.into_parts();
-        let protocol = parts.headers.get(header::UPGRADE).cloned();
-        strip_hop_by_hop(&mut parts.headers);
+        let protocol = parts.extensions.remove::<Upgrade>();
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        if let Some(protocol) = protocol {
+        if let Some(Upgrade(protocol)) = protocol {
             parts.headers.insert(header::UPGRADE, protocol);
         }
         return Ok(Response::from_parts(parts, body::empty()));
     }
 
-    let (mut parts, incoming) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(parts, body::streamed(incoming)))
+    // The wire layer has dropped the hop-by-hop headers already.
+    let (parts, upstream) = response.into_parts();
+    Ok(Response::from_parts(parts, body::streamed(upstream)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hop_by_hop_and_connection_named_headers_go() {
-        let mut headers = HeaderMap::new();
-        for (k, v) in [
-            ("connection", "keep-alive, X-Secret"),
-            ("keep-alive", "timeout=5"),
-            ("x-secret", "1"),
-            ("te", "trailers"),
-            ("upgrade", "h2c"),
-            ("proxy-authorization", "Basic x"),
-            ("content-type", "text/plain"),
-        ] {
-            headers.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
-        }
-        strip_hop_by_hop(&mut headers);
-        assert_eq!(headers.len(), 1);
-        assert!(headers.contains_key("content-type"));
-    }
 
     #[test]
     fn the_rewrite_drops_spoofed_and_hop_by_hop_headers_and_sets_its_own() {

@@ -1,0 +1,1124 @@
+//! The gateway's side of one HTTP/1.1 exchange with an upstream: connecting, writing
+//! the request, reading the response head, and framing the response body.
+//!
+//! Why not hyper's client: its connection runs in a task of its own, fed through
+//! channels, so each proxied request cost two extra task wakeups, a channel hop each
+//! way and a second header encoder. Here the request's own task writes the request and
+//! reads the answer, and the response body reads the upstream socket directly as the
+//! client's connection asks for it.
+//!
+//! Response framing follows RFC 9112 §6.3 and is strict, because a pooled connection
+//! read one byte too far or too short would hand the rest of one response to the next
+//! request (perhaps another user's). Anything ambiguous either fails the exchange (502)
+//! or closes the connection instead of pooling it.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, StatusCode, Version};
+use hyper::body::{Body as _, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::config::UpstreamUrl;
+use crate::pool::Pool;
+use crate::proxy::RequestBody;
+
+/// Any error, boxed.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The most header lines an upstream response (or its trailers) may have.
+const MAX_HEADERS: usize = 100;
+/// The largest response head (or trailer section, or chunk-size line) accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// The most bytes read from the upstream in one go.
+const READ_CHUNK: usize = 64 * 1024;
+/// How much room a read of a head or a small body asks for.
+const READ_SMALL: usize = 8 * 1024;
+
+/// Why an exchange with the upstream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The socket failed.
+    #[error("upstream connection: {0}")]
+    Io(#[from] io::Error),
+    /// The client's request body failed (or passed the route's limit) on its way.
+    #[error("request body: {0}")]
+    Body(#[source] BoxError),
+    /// The upstream closed the connection before its response was complete.
+    #[error("the upstream closed the connection mid-response")]
+    Closed,
+    /// The upstream's bytes are not a valid HTTP/1.1 response.
+    #[error("invalid response from the upstream: {0}")]
+    Malformed(&'static str),
+}
+
+/// A connection to an upstream, plain or TLS.
+pub enum Io {
+    /// `http://`.
+    Plain(TcpStream),
+    /// `https://`.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Opens connections to upstream addresses: TCP, then TLS for `https://`, both within
+/// the connect deadline.
+#[derive(Clone)]
+pub struct Connector {
+    tls: tokio_rustls::TlsConnector,
+    timeout: Duration,
+}
+
+impl Connector {
+    /// A connector verifying `https://` upstreams with `tls`, giving up on a connection
+    /// (TCP and TLS handshake together) after `timeout`.
+    pub fn new(mut tls: rustls::ClientConfig, timeout: Duration) -> Connector {
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Connector {
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            timeout,
+        }
+    }
+
+    /// Connects to the address of `url`.
+    pub async fn connect(&self, url: &UpstreamUrl) -> io::Result<Conn> {
+        let connect = async {
+            let host = url.origin.host().unwrap_or_default();
+            let https = url.is_https();
+            let port = url
+                .origin
+                .port_u16()
+                .unwrap_or(if https { 443 } else { 80 });
+            // An IPv6 literal comes bracketed in a URI, not in a socket address.
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            let tcp = TcpStream::connect((bare, port)).await?;
+            // Small requests would otherwise wait on Nagle's algorithm.
+            tcp.set_nodelay(true)?;
+            if !https {
+                return Ok(Io::Plain(tcp));
+            }
+            let name = rustls::pki_types::ServerName::try_from(bare.to_owned())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let tls = self.tls.connect(name, tcp).await?;
+            Ok(Io::Tls(Box::new(tls)))
+        };
+        match tokio::time::timeout(self.timeout, connect).await {
+            Ok(io) => io.map(Conn::new),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connecting to the upstream timed out",
+            )),
+        }
+    }
+}
+
+/// An upstream connection between exchanges.
+pub struct Conn {
+    io: Io,
+    /// Bytes read and not yet used; empty between exchanges.
+    buf: BytesMut,
+}
+
+impl Conn {
+    fn new(io: Io) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Whether an idle connection can carry another request: not closed by the
+    /// upstream, and not holding bytes nobody asked for. Looks without waiting.
+    pub fn is_reusable(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut byte);
+        // Pending is the only good answer: end of stream, an error or unasked-for bytes
+        // all mean the connection is done.
+        Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut probe)
+            .is_pending()
+    }
+}
+
+/// How a message's body is delimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes remain.
+    Length(u64),
+    /// Chunked transfer coding, at this point of it.
+    Chunked(Chunk),
+    /// Until the upstream closes the connection.
+    Eof,
+    /// Read to the end.
+    Done,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// This many bytes of chunk data remain.
+    Data(u64),
+    /// Expecting the CRLF after chunk data.
+    DataEnd,
+    /// Expecting trailer fields or the final CRLF.
+    Trailers,
+}
+
+/// The request's bytes still to go: the head, then the body as it comes.
+struct Upload {
+    /// Bytes ready to write, oldest first.
+    out: Vec<Bytes>,
+    body: Option<RequestBody>,
+    chunked: bool,
+    /// Body bytes the `Content-Length` still promises.
+    promised: u64,
+    /// The upstream stopped taking the request (it may still answer).
+    write_failed: Option<io::Error>,
+}
+
+impl Upload {
+    fn is_done(&self) -> bool {
+        (self.out.is_empty() && self.body.is_none()) || self.write_failed.is_some()
+    }
+
+    /// Writes what it can. An error is the client's body failing; a failed write is
+    /// kept in `write_failed`, since the upstream may have answered before closing.
+    fn poll(&mut self, io: &mut Io, cx: &mut Context<'_>) -> Poll<Result<(), WireError>> {
+        if self.write_failed.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if !self.out.is_empty() {
+                let mut slices = [io::IoSlice::new(&[]); 4];
+                for (slice, bytes) in slices.iter_mut().zip(&self.out) {
+                    *slice = io::IoSlice::new(bytes);
+                }
+                let slices = &slices[..self.out.len().min(4)];
+                let written = match Pin::new(&mut *io).poll_write_vectored(cx, slices) {
+                    Poll::Ready(Ok(0)) => Err(io::ErrorKind::WriteZero.into()),
+                    Poll::Ready(Ok(n)) => Ok(n),
+                    Poll::Ready(Err(e)) => Err(e),
+                    Poll::Pending => return Poll::Pending,
+                };
+                match written {
+                    Ok(mut n) => {
+                        while n > 0 {
+                            let first = &mut self.out[0];
+                            let take = n.min(first.len());
+                            first.advance(take);
+                            n -= take;
+                            if first.is_empty() {
+                                self.out.remove(0);
+                            }
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        self.write_failed = Some(e);
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+            }
+            let Some(body) = &mut self.body else {
+                // TLS may hold the last record back until flushed.
+                if let Poll::Ready(Err(e)) = Pin::new(&mut *io).poll_flush(cx) {
+                    self.write_failed = Some(e);
+                }
+                return Poll::Ready(Ok(()));
+            };
+            match Pin::new(body).poll_frame(cx) {
+                Poll::Pending => {
+                    // Whatever was written may sit in a TLS buffer while the client is
+                    // slow: push it out.
+                    if let Poll::Ready(Err(e)) = Pin::new(&mut *io).poll_flush(cx) {
+                        self.write_failed = Some(e);
+                        return Poll::Ready(Ok(()));
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.body = None;
+                    return Poll::Ready(Err(WireError::Body(e)));
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) if self.chunked => {
+                        self.out.push(Bytes::from(format!("{:x}\r\n", data.len())));
+                        self.out.push(data);
+                        self.out.push(Bytes::from_static(b"\r\n"));
+                    }
+                    Ok(data) => {
+                        let len = data.len() as u64;
+                        if len > self.promised {
+                            self.body = None;
+                            return Poll::Ready(Err(WireError::Body(
+                                "the request body is longer than its Content-Length".into(),
+                            )));
+                        }
+                        self.promised -= len;
+                        self.out.push(data);
+                    }
+                    Err(frame) => {
+                        if let (true, Ok(trailers)) = (self.chunked, frame.into_trailers()) {
+                            self.body = None;
+                            self.out.push(encode_trailers(&trailers));
+                        }
+                    }
+                },
+                Poll::Ready(None) => {
+                    self.body = None;
+                    if self.chunked {
+                        self.out.push(Bytes::from_static(b"0\r\n\r\n"));
+                    } else if self.promised != 0 {
+                        return Poll::Ready(Err(WireError::Body(
+                            "the request body ended before its Content-Length".into(),
+                        )));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn encode_trailers(trailers: &HeaderMap) -> Bytes {
+    let mut out = BytesMut::with_capacity(64);
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers {
+        put_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out.freeze()
+}
+
+fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes the head of `request` for the upstream. The framing headers are the
+/// gateway's own, made from what the body is: `Content-Length` when its length is
+/// known, chunked when not, none when there is no body (but an explicit
+/// `Content-Length: 0` stays).
+fn encode_request(
+    method: &Method,
+    target: &str,
+    host: &HeaderValue,
+    headers: &HeaderMap,
+    body: &RequestBody,
+) -> (Bytes, Framing) {
+    let mut out = BytesMut::with_capacity(256 + headers.len() * 48);
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    put_header(&mut out, b"host", host.as_bytes());
+    let mut declared_length = false;
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH {
+            declared_length = true;
+            continue;
+        }
+        if name == header::HOST || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        put_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    let framing = if body.is_end_stream() {
+        if declared_length {
+            out.extend_from_slice(b"content-length: 0\r\n");
+        }
+        Framing::Done
+    } else if let Some(length) = body.size_hint().exact() {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(length.to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        Framing::Length(length)
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Framing::Chunked(Chunk::Size)
+    };
+    out.extend_from_slice(b"\r\n");
+    (out.freeze(), framing)
+}
+
+/// A response head read from the upstream.
+pub struct Head {
+    /// The status.
+    pub status: StatusCode,
+    /// The upstream's HTTP version.
+    pub version: Version,
+    /// End-to-end headers: the hop-by-hop ones, and those `Connection` names, are gone.
+    pub headers: HeaderMap,
+    /// The `Upgrade` header, kept apart for a 101.
+    pub upgrade: Option<HeaderValue>,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+/// Whether a header is hop-by-hop (RFC 9110 §7.6.1) or for proxies only.
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    // Every name here is 2 to 19 bytes long; most response headers are not one.
+    matches!(name.len(), 2 | 7 | 10 | 16 | 17 | 18 | 19)
+        && [
+            &b"connection"[..],
+            b"keep-alive",
+            b"proxy-connection",
+            b"te",
+            b"trailer",
+            b"transfer-encoding",
+            b"upgrade",
+            b"proxy-authorization",
+            b"proxy-authenticate",
+        ]
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// Offsets of one header line's name (start, end) and value (start, end) in the head.
+type Line = [u32; 4];
+
+/// Parses a response head at the start of `buf`; `None` when more bytes are needed.
+/// The head's bytes are taken from `buf`, and header values share them.
+fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireError> {
+    let mut lines: [Line; MAX_HEADERS] = [[0; 4]; MAX_HEADERS];
+    let (len, code, minor, count) = {
+        let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let base = buf.as_ptr() as usize;
+        match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            buf,
+            &mut headers,
+        ) {
+            Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => {
+                for (slot, h) in lines.iter_mut().zip(response.headers.iter()) {
+                    // Heads are at most MAX_HEAD bytes: offsets fit in u32.
+                    let name = (h.name.as_ptr() as usize - base) as u32;
+                    let value = (h.value.as_ptr() as usize - base) as u32;
+                    *slot = [
+                        name,
+                        name + h.name.len() as u32,
+                        value,
+                        value + h.value.len() as u32,
+                    ];
+                }
+                (
+                    len,
+                    response.code.unwrap_or(0),
+                    response.version.unwrap_or(1),
+                    response.headers.len(),
+                )
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Ok(None),
+            Ok(_) | Err(httparse::Error::TooManyHeaders) => {
+                return Err(WireError::Malformed("the response head is too large"))
+            }
+            Err(_) => return Err(WireError::Malformed("the response head does not parse")),
+        }
+    };
+    let bytes = buf.split_to(len).freeze();
+    let status = StatusCode::from_u16(code).map_err(|_| WireError::Malformed("bad status"))?;
+    let version = if minor == 0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut length: Option<u64> = None;
+    let mut chunked = None;
+    let mut close = false;
+    // HTTP/1.0 connections close after each response unless they say otherwise.
+    let mut keep_alive_asked = false;
+    let mut upgrade = None;
+    let mut named_by_connection: Vec<HeaderName> = Vec::new();
+    for &[name_start, name_end, value_start, value_end] in &lines[..count] {
+        let value_at = value_start as usize..value_end as usize;
+        let name = &bytes[name_start as usize..name_end as usize];
+        let value = &bytes[value_at.clone()];
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_length(value)?;
+            if length.is_some_and(|previous| previous != n) {
+                return Err(WireError::Malformed("conflicting Content-Length"));
+            }
+            length = Some(n);
+        }
+        if is_hop_by_hop(name) {
+            if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                // Only the last coding decides the framing (RFC 9112 §6.3).
+                let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        keep_alive_asked = true;
+                    } else if let Ok(named) = HeaderName::from_bytes(token) {
+                        named_by_connection.push(named);
+                    }
+                }
+            } else if name.eq_ignore_ascii_case(b"upgrade") {
+                upgrade = HeaderValue::from_maybe_shared(bytes.slice(value_at.clone())).ok();
+            }
+            continue;
+        }
+        let name = HeaderName::from_bytes(name)
+            .map_err(|_| WireError::Malformed("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(value_at.clone()))
+            .map_err(|_| WireError::Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+    close |= version == Version::HTTP_10 && !keep_alive_asked;
+    for name in &named_by_connection {
+        headers.remove(name);
+    }
+    let bodiless = *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = match (bodiless, chunked, length) {
+        (true, _, _) => Framing::Done,
+        (false, Some(true), _) => Framing::Chunked(Chunk::Size),
+        (false, Some(false), _) => Framing::Eof,
+        (false, None, Some(n)) => Framing::Length(n),
+        (false, None, None) => Framing::Eof,
+    };
+    if chunked.is_some() && length.is_some() {
+        // Both: Transfer-Encoding wins, and the Content-Length must not reach the
+        // client, whose framing hyper derives from it. Such an upstream is suspect;
+        // its connection is not reused.
+        headers.remove(header::CONTENT_LENGTH);
+        close = true;
+    }
+    if framing == Framing::Eof {
+        close = true;
+    }
+    Ok(Some(Head {
+        status,
+        version,
+        headers,
+        upgrade,
+        framing,
+        keep_alive: !close,
+    }))
+}
+
+/// A Content-Length value: digits only (RFC 9110 §8.6); a list of equal values, as
+/// some servers send after merging, is one value.
+fn parse_length(value: &[u8]) -> Result<u64, WireError> {
+    let mut result = None;
+    for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return Err(WireError::Malformed("invalid Content-Length"));
+        }
+        let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if result.is_some_and(|r| r != n) {
+            return Err(WireError::Malformed("conflicting Content-Length"));
+        }
+        result = Some(n);
+    }
+    result.ok_or(WireError::Malformed("invalid Content-Length"))
+}
+
+/// Reads from `io` into `buf`, making room for `want` bytes. `Ok(0)` is end of stream.
+fn poll_fill(
+    io: &mut Io,
+    buf: &mut BytesMut,
+    want: usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < want {
+        buf.reserve(want);
+    }
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+}
+
+/// One request on its way: written, with its response head awaited.
+pub struct Exchange {
+    conn: Conn,
+    upload: Upload,
+    method: Method,
+    /// Whether the request asked to switch protocols (a 101 is then welcome).
+    upgrade: bool,
+}
+
+impl Exchange {
+    /// Starts sending `request` (origin-form target) on `conn`, with `host` as its Host.
+    pub fn new(
+        conn: Conn,
+        request: http::Request<RequestBody>,
+        host: &HeaderValue,
+        upgrade: bool,
+    ) -> Exchange {
+        let (parts, body) = request.into_parts();
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let (head, framing) = encode_request(&parts.method, target, host, &parts.headers, &body);
+        let (body, chunked, promised) = match framing {
+            Framing::Done => (None, false, 0),
+            Framing::Length(n) => (Some(body), false, n),
+            _ => (Some(body), true, 0),
+        };
+        Exchange {
+            conn,
+            upload: Upload {
+                out: vec![head],
+                body,
+                chunked,
+                promised,
+                write_failed: None,
+            },
+            method: parts.method,
+            upgrade,
+        }
+    }
+
+    /// Sends the request and waits for the final response head (interim 1xx answers
+    /// other than 101 are skipped).
+    pub async fn response(mut self) -> Result<(Head, ResponseBody), WireError> {
+        let head = std::future::poll_fn(|cx| self.poll_head(cx)).await?;
+        let done = head.framing == Framing::Done && head.status != StatusCode::SWITCHING_PROTOCOLS;
+        let body = ResponseBody {
+            conn: Some(self.conn),
+            upload: self.upload,
+            framing: head.framing,
+            keep_alive: head.keep_alive,
+            home: None,
+            ended: done,
+        };
+        Ok((head, body))
+    }
+
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Head, WireError>> {
+        loop {
+            if !self.upload.is_done() {
+                if let Poll::Ready(Err(e)) = self.upload.poll(&mut self.conn.io, cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            while !self.conn.buf.is_empty() {
+                match parse_head(&mut self.conn.buf, &self.method)? {
+                    None => break,
+                    Some(head) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
+                        if !self.upgrade {
+                            return Poll::Ready(Err(WireError::Malformed(
+                                "the upstream switched protocols unasked",
+                            )));
+                        }
+                        return Poll::Ready(Ok(head));
+                    }
+                    // 100 Continue, 103 Early Hints and the like: the final answer follows.
+                    Some(head) if head.status.is_informational() => continue,
+                    Some(head) => return Poll::Ready(Ok(head)),
+                }
+            }
+            match poll_fill(&mut self.conn.io, &mut self.conn.buf, READ_SMALL, cx) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(match self.upload.write_failed.take() {
+                        Some(e) => WireError::Io(e),
+                        None => WireError::Closed,
+                    }))
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(WireError::Io(e))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// A response body read from the upstream as the client's connection asks for it.
+/// The request body, if the upstream answered before it had all of it, keeps going
+/// from here. Dropped before its end, it closes the connection.
+pub struct ResponseBody {
+    conn: Option<Conn>,
+    upload: Upload,
+    framing: Framing,
+    keep_alive: bool,
+    /// The pool the connection goes back to once its response is read to the end.
+    home: Option<Weak<Pool>>,
+    ended: bool,
+}
+
+impl ResponseBody {
+    /// Sets where the connection goes at the end, and sends it there now if the body
+    /// is empty.
+    pub fn set_home(&mut self, home: Weak<Pool>) {
+        self.home = Some(home);
+        if self.ended {
+            self.finish();
+        }
+    }
+
+    /// After a 101: the upstream connection, and any bytes it sent after the head.
+    pub fn into_upgraded(mut self) -> Option<(Io, Bytes)> {
+        let conn = self.conn.take()?;
+        Some((conn.io, conn.buf.freeze()))
+    }
+
+    fn finish(&mut self) {
+        self.ended = true;
+        let reusable = self.keep_alive
+            && self.upload.is_done()
+            && self.upload.write_failed.is_none()
+            && self.conn.as_ref().is_some_and(|c| c.buf.is_empty());
+        if let (true, Some(conn), Some(pool)) = (
+            reusable,
+            self.conn.take(),
+            self.home.take().and_then(|home| home.upgrade()),
+        ) {
+            pool.give_back(conn);
+        }
+        self.conn = None;
+    }
+
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, WireError>>> {
+        let Some(conn) = &mut self.conn else {
+            return Poll::Ready(None);
+        };
+        if !self.upload.is_done() {
+            if let Poll::Ready(Err(e)) = self.upload.poll(&mut conn.io, cx) {
+                return Poll::Ready(Some(Err(e)));
+            }
+        }
+        loop {
+            let buf = &mut conn.buf;
+            let want = match self.framing {
+                Framing::Done => return Poll::Ready(None),
+                Framing::Length(0) => {
+                    self.framing = Framing::Done;
+                    continue;
+                }
+                Framing::Length(n) => {
+                    if !buf.is_empty() {
+                        let take = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+                        self.framing = Framing::Length(n - take as u64);
+                        return Poll::Ready(Some(Ok(Frame::data(buf.split_to(take).freeze()))));
+                    }
+                    usize::try_from(n)
+                        .unwrap_or(READ_CHUNK)
+                        .clamp(READ_SMALL, READ_CHUNK)
+                }
+                Framing::Eof => {
+                    if !buf.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(buf.split().freeze()))));
+                    }
+                    READ_CHUNK
+                }
+                Framing::Chunked(state) => match decode_chunk(buf, state)? {
+                    Step::Data(data, next) => {
+                        self.framing = Framing::Chunked(next);
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Step::Next(next) => {
+                        self.framing = Framing::Chunked(next);
+                        continue;
+                    }
+                    Step::End(trailers) => {
+                        self.framing = Framing::Done;
+                        if let Some(trailers) = trailers {
+                            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                        }
+                        continue;
+                    }
+                    Step::More(Some(n)) => usize::try_from(n)
+                        .unwrap_or(READ_CHUNK)
+                        .clamp(READ_SMALL, READ_CHUNK),
+                    Step::More(None) => READ_SMALL,
+                },
+            };
+            match poll_fill(&mut conn.io, &mut conn.buf, want, cx) {
+                Poll::Ready(Ok(0)) if self.framing == Framing::Eof => {
+                    self.keep_alive = false;
+                    self.framing = Framing::Done;
+                }
+                Poll::Ready(Ok(0)) => return Poll::Ready(Some(Err(WireError::Closed))),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(WireError::Io(e)))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl hyper::body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = WireError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, WireError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let polled = self.poll_data(cx);
+        match &polled {
+            Poll::Ready(None) => self.finish(),
+            // Trailers end a body, and hyper's servers stop polling once they have them.
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => self.finish(),
+            Poll::Ready(Some(Ok(_))) => {
+                if self.framing == Framing::Length(0) {
+                    self.framing = Framing::Done;
+                    self.finish();
+                }
+            }
+            // A broken body leaves the connection in an unknown state: it goes.
+            Poll::Ready(Some(Err(_))) => {
+                self.ended = true;
+                self.conn = None;
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// What one step of chunked decoding found.
+enum Step {
+    /// Chunk data, and the state after it.
+    Data(Bytes, Chunk),
+    /// A framing line was consumed.
+    Next(Chunk),
+    /// The body ended, with trailers if there were any.
+    End(Option<HeaderMap>),
+    /// More bytes are needed (at least this many, when known).
+    More(Option<u64>),
+}
+
+/// Decodes what `buf` holds of a chunked body in state `state` (RFC 9112 §7.1).
+fn decode_chunk(buf: &mut BytesMut, state: Chunk) -> Result<Step, WireError> {
+    match state {
+        Chunk::Data(n) => {
+            if buf.is_empty() {
+                return Ok(Step::More(Some(n)));
+            }
+            let take = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+            let rest = n - take as u64;
+            let next = if rest == 0 {
+                Chunk::DataEnd
+            } else {
+                Chunk::Data(rest)
+            };
+            Ok(Step::Data(buf.split_to(take).freeze(), next))
+        }
+        Chunk::DataEnd => match buf.get(..2) {
+            None => Ok(Step::More(None)),
+            Some(b"\r\n") => {
+                buf.advance(2);
+                Ok(Step::Next(Chunk::Size))
+            }
+            Some(_) => Err(WireError::Malformed("chunk data not followed by CRLF")),
+        },
+        Chunk::Size => {
+            let Some(end) = memchr::memchr(b'\n', buf) else {
+                return if buf.len() > MAX_HEAD {
+                    Err(WireError::Malformed("chunk-size line too long"))
+                } else {
+                    Ok(Step::More(None))
+                };
+            };
+            let size = parse_chunk_size(&buf[..end])?;
+            buf.advance(end + 1);
+            Ok(Step::Next(if size == 0 {
+                Chunk::Trailers
+            } else {
+                Chunk::Data(size)
+            }))
+        }
+        Chunk::Trailers => {
+            if buf.starts_with(b"\r\n") {
+                buf.advance(2);
+                return Ok(Step::End(None));
+            }
+            if buf.len() < 2 {
+                return Ok(Step::More(None));
+            }
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            match httparse::parse_headers(buf, &mut fields) {
+                Ok(httparse::Status::Complete((len, fields))) => {
+                    let mut trailers = HeaderMap::with_capacity(fields.len());
+                    for field in fields.iter() {
+                        let name = HeaderName::from_bytes(field.name.as_bytes())
+                            .map_err(|_| WireError::Malformed("invalid trailer name"))?;
+                        let value = HeaderValue::from_bytes(field.value)
+                            .map_err(|_| WireError::Malformed("invalid trailer value"))?;
+                        trailers.append(name, value);
+                    }
+                    buf.advance(len);
+                    Ok(Step::End(Some(trailers)))
+                }
+                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => Ok(Step::More(None)),
+                _ => Err(WireError::Malformed("invalid trailer section")),
+            }
+        }
+    }
+}
+
+/// `chunk-size [ chunk-ext ] CRLF`, the line without its LF.
+fn parse_chunk_size(line: &[u8]) -> Result<u64, WireError> {
+    let bad = || WireError::Malformed("invalid chunk-size line");
+    let line = line.strip_suffix(b"\r").ok_or_else(bad)?;
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 15 {
+        return Err(bad());
+    }
+    let rest = &line[digits..];
+    // Extensions are ignored, but must be extensions: `;` after optional whitespace.
+    let rest = rest.trim_ascii_start();
+    if !(rest.is_empty() || rest.starts_with(b";")) || rest.iter().any(|&b| b < 0x20 && b != b'\t')
+    {
+        return Err(bad());
+    }
+    Ok(line[..digits].iter().fold(0u64, |n, &d| {
+        n * 16 + u64::from((d as char).to_digit(16).unwrap_or(0))
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Result<Option<Head>, WireError> {
+        parse_head(&mut BytesMut::from(text.as_bytes()), &Method::GET)
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::Length(5));
+        assert!(h.keep_alive);
+        assert_eq!(h.headers["content-length"], "5");
+
+        let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::Chunked(Chunk::Size));
+        assert!(!h.headers.contains_key("transfer-encoding"));
+
+        // Both: chunked wins, Content-Length goes, and so does the connection.
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::Chunked(Chunk::Size));
+        assert!(!h.headers.contains_key("content-length"));
+        assert!(!h.keep_alive);
+
+        let h = head("HTTP/1.1 200 OK\r\n\r\n").unwrap().unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Eof, false));
+        let h = head("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive);
+        let h = head("HTTP/1.0 200 OK\r\ncontent-length: 1\r\nconnection: keep-alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(h.keep_alive);
+        let h = head("HTTP/1.1 204 No Content\r\ncontent-length: 7\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::Done);
+        let h = parse_head(
+            &mut BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n"[..]),
+            &Method::HEAD,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Done, true));
+        assert_eq!(h.headers["content-length"], "7");
+
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::Length(3));
+        assert!(head("HTTP/1.1 200 OK\r\ncontent-length: 3")
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_response_headers_go() {
+        let h = head(
+            "HTTP/1.1 200 OK\r\nconnection: x-secret, close\r\nkeep-alive: 5\r\nx-secret: 1\r\n\
+             upgrade: h2c\r\nproxy-authenticate: Basic\r\ntrailer: x\r\ncontent-type: a/b\r\n\
+             content-length: 0\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        let mut names: Vec<&str> = h.headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "content-type"]);
+        assert!(!h.keep_alive);
+        assert_eq!(h.upgrade.unwrap(), "h2c");
+    }
+
+    #[test]
+    fn bad_response_heads_are_refused() {
+        for bad in [
+            "HTTP/1.1 abc OK\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: +1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length:\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+            "HTTP/2 200 OK\r\n\r\n",
+            "SSH-2.0-OpenSSH\r\n\r\n",
+        ] {
+            assert!(head(bad).is_err(), "{bad:?}");
+        }
+        let huge = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD));
+        assert!(head(&huge).is_err());
+    }
+
+    fn decode_all(wire: &[u8]) -> Result<(Vec<u8>, Option<HeaderMap>, usize), WireError> {
+        let mut buf = BytesMut::new();
+        let mut state = Chunk::Size;
+        let mut body = Vec::new();
+        // Fed one byte at a time: every state must cope with a split anywhere.
+        for (i, &b) in wire.iter().enumerate() {
+            buf.extend_from_slice(&[b]);
+            loop {
+                match decode_chunk(&mut buf, state)? {
+                    Step::Data(data, next) => {
+                        body.extend_from_slice(&data);
+                        state = next;
+                    }
+                    Step::Next(next) => state = next,
+                    Step::End(trailers) => return Ok((body, trailers, wire.len() - i - 1)),
+                    Step::More(_) => break,
+                }
+            }
+        }
+        Err(WireError::Closed)
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_splits() {
+        let (body, trailers, left) =
+            decode_all(b"5;foo=bar\r\nhello\r\n1 ; x\r\n!\r\nA\r\n0123456789\r\n0\r\n\r\nNEXT")
+                .unwrap();
+        assert_eq!(body, b"hello!0123456789");
+        assert!(trailers.is_none());
+        assert_eq!(left, 4, "bytes after the body are not consumed");
+        let (body, trailers, _) = decode_all(b"2\r\nok\r\n0\r\nx-sum: 1\r\ny: 2\r\n\r\n").unwrap();
+        assert_eq!(body, b"ok");
+        let trailers = trailers.unwrap();
+        assert_eq!(
+            (&trailers["x-sum"], &trailers["y"]),
+            (&"1".parse().unwrap(), &"2".parse().unwrap())
+        );
+        for bad in [
+            &b"zz\r\n"[..],
+            b"5\r\nhelloXX",
+            b"5\n",
+            b"-1\r\n",
+            b"1234567890123456\r\n",
+            b"5 x\r\n",
+            b"\r\n",
+        ] {
+            assert!(
+                decode_all(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn chunk_sizes_are_hex() {
+        assert_eq!(parse_chunk_size(b"ff\r").unwrap(), 255);
+        assert_eq!(parse_chunk_size(b"0\r").unwrap(), 0);
+        assert_eq!(parse_chunk_size(b"FfFf;a=\"b\"\r").unwrap(), 65535);
+        assert_eq!(
+            parse_chunk_size(b"fffffffffffffff\r").unwrap(),
+            0xfff_ffff_ffff_ffff
+        );
+    }
+}
