@@ -6,7 +6,7 @@ use std::hint::black_box;
 use std::path::Path;
 
 use covata_gateway::config::Config;
-use covata_gateway::proxy::{rewrite_request_headers, Origin, Peer};
+use covata_gateway::proxy::{HeaderRewrite, Origin, Peer};
 use covata_gateway::routes::{normalize_path, RouteTable};
 use covata_gateway::token::store::IssueRequest;
 use covata_gateway::token::TokenStore;
@@ -135,16 +135,17 @@ fn header_rewrite(c: &mut Criterion) {
         peer: &peer,
         trusted_proxies: &[],
     };
+    // Since the gateway speaks HTTP/1.1 to upstreams itself, the rewrite happens as the
+    // upstream head is written: this measures making the rewrite and writing the lines.
+    let mut out = bytes::BytesMut::with_capacity(4096);
     c.bench_function("header_rewrite", |b| {
-        b.iter_batched(
-            || headers.clone(),
-            |mut headers| {
-                let host = headers.get("host").cloned();
-                rewrite_request_headers(&mut headers, host, Some(&identity), route, &origin);
-                headers
-            },
-            criterion::BatchSize::SmallInput,
-        )
+        b.iter(|| {
+            out.clear();
+            let host = headers.get("host").cloned();
+            let rewrite = HeaderRewrite::new(&headers, host, Some(&identity), route, &origin);
+            rewrite.write(black_box(&headers), &mut out);
+            out.len()
+        })
     });
 }
 

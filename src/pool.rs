@@ -18,7 +18,7 @@ use http::header::HeaderValue;
 use http::{Request, Response};
 
 use crate::config::UpstreamUrl;
-use crate::proxy::RequestBody;
+use crate::proxy::{HeaderRewrite, RequestBody};
 use crate::upstream::{BoxError, Conn, Connector, Exchange, ResponseBody, WireError};
 
 /// Why a request did not get a response.
@@ -66,13 +66,14 @@ impl Pool {
         })
     }
 
-    /// Sends `request` (origin-form URI) on an idle connection, or on a new one, and
-    /// waits for the response head. With `upgrade`, a 101 answer is accepted and its
-    /// body gives up the connection ([`ResponseBody::into_upgraded`]).
+    /// Sends `request` (origin-form URI, the client's headers) with `rewrite` applied,
+    /// on an idle connection or a new one, and waits for the response head. When the
+    /// rewrite asks for an upgrade, a 101 answer is accepted and its body gives up the
+    /// connection ([`ResponseBody::into_upgraded`]).
     pub async fn send(
         self: &Arc<Self>,
         request: Request<RequestBody>,
-        upgrade: bool,
+        rewrite: &HeaderRewrite<'_>,
     ) -> Result<Response<ResponseBody>, SendError> {
         let conn = match self.take_idle() {
             Some(conn) => conn,
@@ -83,7 +84,7 @@ impl Pool {
                 Err(error) => return Err(SendError::Connect(Box::new(error), Box::new(request))),
             },
         };
-        let (head, mut body) = Exchange::new(conn, request, &self.host, upgrade)
+        let (head, mut body) = Exchange::new(conn, request, &self.host, rewrite)
             .response()
             .await
             .map_err(SendError::Request)?;

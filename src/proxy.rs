@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
@@ -145,7 +145,6 @@ static X_AUTHENTICATED_SCOPE: HeaderName = HeaderName::from_static("x-authentica
 static X_TOKEN_ID: HeaderName = HeaderName::from_static("x-token-id");
 /// `X-Forwarded-*` headers the gateway sets.
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and the proxy-only ones.
@@ -184,26 +183,6 @@ fn is_dropped_request_header(name: &HeaderName, forward_authorization: bool) -> 
         | "expect" => true,
         "authorization" => !forward_authorization,
         _ => is_hop_by_hop(name),
-    }
-}
-
-/// Removes every header `drop` picks, and those the `Connection` header names, in one
-/// pass over the names present rather than one lookup per name that might be.
-fn remove_headers(headers: &mut HeaderMap, drop: impl Fn(&HeaderName) -> bool) {
-    let mut doomed: Vec<HeaderName> = headers.keys().filter(|n| drop(n)).cloned().collect();
-    // `Connection` is hop-by-hop itself: when it is present, `doomed` is not empty.
-    if !doomed.is_empty() {
-        doomed.extend(
-            headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok()),
-        );
-    }
-    for name in &doomed {
-        headers.remove(name);
     }
 }
 
@@ -254,57 +233,119 @@ pub struct Origin<'a> {
     pub trusted_proxies: &'a [IpNet],
 }
 
-/// Rewrites request headers for the upstream: drops hop-by-hop headers and anything the
-/// client could use to spoof the gateway's own headers, then adds identity and
-/// `X-Forwarded-*`.
-pub fn rewrite_request_headers(
-    headers: &mut HeaderMap,
+/// The header rewrite of one request, applied as its head is written for the upstream
+/// ([`HeaderRewrite::write`]): hop-by-hop headers, and anything the client could use to
+/// spoof the gateway's own, stay behind; identity and `X-Forwarded-*` are added.
+///
+/// Written rather than applied to the client's header map: removing and inserting map
+/// entries cost more than the rest of the rewrite together.
+pub struct HeaderRewrite<'a> {
+    forward_authorization: bool,
+    /// Names the client's `Connection` header lists: hop-by-hop by its say-so.
+    connection_named: Vec<HeaderName>,
+    identity: Option<&'a Identity>,
+    /// `X-Forwarded-For` when a trusted proxy's chain is extended; else the peer's.
+    chained_xff: Option<HeaderValue>,
+    peer: &'a Peer,
     original_host: Option<HeaderValue>,
-    identity: Option<&Identity>,
-    route: &Route,
-    origin: &Origin<'_>,
-) {
-    let peer = origin.peer.addr.ip();
-    let trusted = origin.trusted_proxies.iter().any(|net| net.contains(&peer));
-    let incoming_xff = if trusted {
-        let joined: Vec<&str> = headers
-            .get_all(&X_FORWARDED_FOR)
+    /// The protocol an upgrade request asks for.
+    upgrade: Option<HeaderValue>,
+}
+
+impl<'a> HeaderRewrite<'a> {
+    /// The rewrite of a request with the client's `headers`, on `route`, from `origin`;
+    /// `original_host` becomes `X-Forwarded-Host`.
+    pub fn new(
+        headers: &HeaderMap,
+        original_host: Option<HeaderValue>,
+        identity: Option<&'a Identity>,
+        route: &Route,
+        origin: &Origin<'a>,
+    ) -> HeaderRewrite<'a> {
+        let peer = origin.peer.addr.ip();
+        let trusted = origin.trusted_proxies.iter().any(|net| net.contains(&peer));
+        let chained_xff = if trusted {
+            let joined: Vec<&str> = headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            (!joined.is_empty())
+                .then(|| HeaderValue::from_str(&format!("{}, {peer}", joined.join(", "))).ok())
+                .flatten()
+        } else {
+            None
+        };
+        let connection_named = headers
+            .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
             .collect();
-        (!joined.is_empty()).then(|| joined.join(", "))
-    } else {
-        None
-    };
-
-    let forward_authorization = route.forward_authorization;
-    remove_headers(headers, |name| {
-        is_dropped_request_header(name, forward_authorization)
-    });
-
-    if let Some(identity) = identity {
-        if let Some(user) = &identity.user_header {
-            headers.insert(X_AUTHENTICATED_USER.clone(), user.clone());
+        HeaderRewrite {
+            forward_authorization: route.forward_authorization,
+            connection_named,
+            identity,
+            chained_xff,
+            peer: origin.peer,
+            original_host,
+            upgrade: None,
         }
-        headers.insert(
-            X_AUTHENTICATED_CLIENT.clone(),
-            identity.client_header.clone(),
-        );
-        headers.insert(X_AUTHENTICATED_ROLES.clone(), identity.roles_header.clone());
-        headers.insert(X_AUTHENTICATED_SCOPE.clone(), identity.scope_header.clone());
-        headers.insert(X_TOKEN_ID.clone(), identity.jti_header.clone());
     }
-    let xff = match incoming_xff {
-        Some(previous) => HeaderValue::from_str(&format!("{previous}, {peer}")).ok(),
-        None => Some(origin.peer.header.clone()),
-    };
-    if let Some(xff) = xff {
-        headers.insert(X_FORWARDED_FOR.clone(), xff);
+
+    /// Asks the upstream to switch to `protocol` (`Connection: upgrade`, `Upgrade`).
+    pub fn upgrade(&mut self, protocol: HeaderValue) {
+        self.upgrade = Some(protocol);
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
-    if let Some(host) = original_host {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
+
+    /// Whether the request asks the upstream to switch protocols.
+    pub fn upgrades(&self) -> bool {
+        self.upgrade.is_some()
     }
+
+    /// Whether the client's header `name` stays behind.
+    pub fn drops(&self, name: &HeaderName) -> bool {
+        is_dropped_request_header(name, self.forward_authorization)
+            || (!self.connection_named.is_empty() && self.connection_named.contains(name))
+    }
+
+    /// Writes the client's `headers` that go on (all but `Content-Length`, which the
+    /// framing decides), then the gateway's own, as `name: value` lines.
+    pub fn write(&self, headers: &HeaderMap, out: &mut BytesMut) {
+        for (name, value) in headers {
+            if name != header::CONTENT_LENGTH && !self.drops(name) {
+                put_header(out, name, value);
+            }
+        }
+        if let Some(identity) = self.identity {
+            if let Some(user) = &identity.user_header {
+                put_header(out, &X_AUTHENTICATED_USER, user);
+            }
+            put_header(out, &X_AUTHENTICATED_CLIENT, &identity.client_header);
+            put_header(out, &X_AUTHENTICATED_ROLES, &identity.roles_header);
+            put_header(out, &X_AUTHENTICATED_SCOPE, &identity.scope_header);
+            put_header(out, &X_TOKEN_ID, &identity.jti_header);
+        }
+        let xff = self.chained_xff.as_ref().unwrap_or(&self.peer.header);
+        put_header(out, &X_FORWARDED_FOR, xff);
+        out.extend_from_slice(b"x-forwarded-proto: https\r\n");
+        if let Some(host) = &self.original_host {
+            put_header(out, &X_FORWARDED_HOST, host);
+        }
+        if let Some(protocol) = &self.upgrade {
+            out.extend_from_slice(b"connection: upgrade\r\n");
+            put_header(out, &header::UPGRADE, protocol);
+        }
+    }
+}
+
+/// Writes one `name: value` header line.
+pub fn put_header(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The Host the client addressed: `Host` on HTTP/1, `:authority` on HTTP/2.
@@ -379,10 +420,10 @@ enum Failure {
 async fn send(
     target: &Target,
     request: Request<RequestBody>,
+    rewrite: &HeaderRewrite<'_>,
     deadline: tokio::time::Instant,
-    upgrade: bool,
 ) -> Result<Response<ResponseBody>, Failure> {
-    match tokio::time::timeout_at(deadline, target.pool.send(request, upgrade)).await {
+    match tokio::time::timeout_at(deadline, target.pool.send(request, rewrite)).await {
         Err(_) => Err(Failure::TimedOut),
         Ok(Err(SendError::Connect(error, request))) => Err(Failure::Connect(error, request)),
         Ok(Err(SendError::Request(error))) => Err(Failure::Other(error)),
@@ -442,14 +483,11 @@ pub async fn forward(
     }
     let upgrade = upgrade_requested(&request);
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
-    let (mut parts, incoming) = request.into_parts();
+    let (parts, incoming) = request.into_parts();
     let path = route.rewrite(path);
-    rewrite_request_headers(&mut parts.headers, original_host, identity, route, origin);
-    if let Some(protocol) = &upgrade {
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        parts.headers.insert(header::UPGRADE, protocol.clone());
+    let mut rewrite = HeaderRewrite::new(&parts.headers, original_host, identity, route, origin);
+    if let Some(protocol) = upgrade {
+        rewrite.upgrade(protocol);
     }
     let original = parts.uri.path_and_query();
     let mut forwarded = Request::new(RequestBody::new(incoming, route.max_request_body));
@@ -461,8 +499,7 @@ pub async fn forward(
     let deadline = tokio::time::Instant::now() + route.response_timeout;
     let target = route.pick(None);
     *forwarded.uri_mut() = upstream_uri(&route.targets[target].url, &path, original)?;
-    let upgrading = upgrade.is_some();
-    let mut outcome = send(&route.targets[target], forwarded, deadline, upgrading).await;
+    let mut outcome = send(&route.targets[target], forwarded, &rewrite, deadline).await;
     if let Err(Failure::Connect(error, mut unsent)) = outcome {
         route.targets[target].mark_down(route.cooldown);
         outcome = if route.targets.len() > 1 {
@@ -474,7 +511,7 @@ pub async fn forward(
                 "upstream connect failed before the request was sent; retrying on the next address"
             );
             *unsent.uri_mut() = upstream_uri(&route.targets[next].url, &path, original)?;
-            let retried = send(&route.targets[next], *unsent, deadline, upgrading).await;
+            let retried = send(&route.targets[next], *unsent, &rewrite, deadline).await;
             if let Err(Failure::Connect(_, _)) = &retried {
                 route.targets[next].mark_down(route.cooldown);
             }
@@ -575,12 +612,33 @@ mod tests {
         let peer = Peer::new("203.0.113.7:50000".parse().unwrap());
         let host = Some(HeaderValue::from_static("api.example.com"));
 
-        let mut headers = client_headers();
+        // The header lines written for the upstream, as a map.
+        let written = |rewrite: HeaderRewrite<'_>| {
+            let mut out = BytesMut::new();
+            rewrite.write(&client_headers(), &mut out);
+            let text = String::from_utf8(out.to_vec()).unwrap();
+            let mut headers = HeaderMap::new();
+            for line in text.split_terminator("\r\n") {
+                let (name, value) = line.split_once(": ").unwrap();
+                headers.append(
+                    HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            headers
+        };
         let untrusted = Origin {
             peer: &peer,
             trusted_proxies: &[],
         };
-        rewrite_request_headers(&mut headers, host.clone(), None, find("/x"), &untrusted);
+        let rewrite = HeaderRewrite::new(
+            &client_headers(),
+            host.clone(),
+            None,
+            find("/x"),
+            &untrusted,
+        );
+        let headers = written(rewrite);
         let mut names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
         assert_eq!(
@@ -598,13 +656,13 @@ mod tests {
 
         // A route that forwards Authorization keeps it; a trusted peer's chain is kept
         // and extended.
-        let mut headers = client_headers();
         let trusted_proxies: Vec<IpNet> = vec!["203.0.113.0/24".parse().unwrap()];
         let trusted = Origin {
             peer: &peer,
             trusted_proxies: &trusted_proxies,
         };
-        rewrite_request_headers(&mut headers, host, None, find("/keep/x"), &trusted);
+        let rewrite = HeaderRewrite::new(&client_headers(), host, None, find("/keep/x"), &trusted);
+        let headers = written(rewrite);
         assert_eq!(headers["authorization"], "Bearer secret");
         assert_eq!(headers["x-forwarded-for"], "6.6.6.6, 203.0.113.7");
         assert!(!headers.contains_key("x-authenticated-user"));

@@ -29,7 +29,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::config::UpstreamUrl;
 use crate::pool::Pool;
-use crate::proxy::RequestBody;
+use crate::proxy::{put_header, HeaderRewrite, RequestBody};
 
 /// Any error, boxed.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -354,49 +354,32 @@ fn encode_trailers(trailers: &HeaderMap) -> Bytes {
     let mut out = BytesMut::with_capacity(64);
     out.extend_from_slice(b"0\r\n");
     for (name, value) in trailers {
-        put_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+        put_header(&mut out, name, value);
     }
     out.extend_from_slice(b"\r\n");
     out.freeze()
 }
 
-fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// Writes the head of `request` for the upstream. The framing headers are the
-/// gateway's own, made from what the body is: `Content-Length` when its length is
-/// known, chunked when not, none when there is no body (but an explicit
-/// `Content-Length: 0` stays).
+/// Writes the head of a request for the upstream: the request line, `host`, the
+/// client's headers as `rewrite` has them, and framing headers of the gateway's own,
+/// made from what the body is: `Content-Length` when its length is known, chunked
+/// when not, none when there is no body (but a client's `Content-Length: 0` stays).
 fn encode_request(
-    method: &Method,
-    target: &str,
+    parts: &http::request::Parts,
     host: &HeaderValue,
-    headers: &HeaderMap,
+    rewrite: &HeaderRewrite<'_>,
     body: &RequestBody,
 ) -> (Bytes, Framing) {
-    let mut out = BytesMut::with_capacity(256 + headers.len() * 48);
-    out.extend_from_slice(method.as_str().as_bytes());
+    let mut out = BytesMut::with_capacity(512 + parts.headers.len() * 64);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
     out.extend_from_slice(b" ");
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    put_header(&mut out, b"host", host.as_bytes());
-    let mut declared_length = false;
-    for (name, value) in headers {
-        if name == header::CONTENT_LENGTH {
-            declared_length = true;
-            continue;
-        }
-        if name == header::HOST || name == header::TRANSFER_ENCODING {
-            continue;
-        }
-        put_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
-    }
+    put_header(&mut out, &header::HOST, host);
+    rewrite.write(&parts.headers, &mut out);
     let framing = if body.is_end_stream() {
-        if declared_length {
+        if parts.headers.contains_key(header::CONTENT_LENGTH) {
             out.extend_from_slice(b"content-length: 0\r\n");
         }
         Framing::Done
@@ -615,16 +598,16 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    /// Starts sending `request` (origin-form target) on `conn`, with `host` as its Host.
+    /// Starts sending `request` (origin-form target, the client's headers) on `conn`,
+    /// with `host` as its Host and `rewrite` applied to its headers.
     pub fn new(
         conn: Conn,
         request: http::Request<RequestBody>,
         host: &HeaderValue,
-        upgrade: bool,
+        rewrite: &HeaderRewrite<'_>,
     ) -> Exchange {
         let (parts, body) = request.into_parts();
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let (head, framing) = encode_request(&parts.method, target, host, &parts.headers, &body);
+        let (head, framing) = encode_request(&parts, host, rewrite, &body);
         let (body, chunked, promised) = match framing {
             Framing::Done => (None, false, 0),
             Framing::Length(n) => (Some(body), false, n),
@@ -640,7 +623,7 @@ impl Exchange {
                 write_failed: None,
             },
             method: parts.method,
-            upgrade,
+            upgrade: rewrite.upgrades(),
         }
     }
 

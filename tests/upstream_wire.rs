@@ -714,11 +714,7 @@ async fn a_body_cut_short_never_looks_complete() {
     ] {
         for client in [&gw.http1, &gw.http2] {
             let outcome = within(async {
-                let response = client
-                    .get(gw.url(path))
-                    .bearer_auth(&token)
-                    .send()
-                    .await?;
+                let response = client.get(gw.url(path)).bearer_auth(&token).send().await?;
                 let status = response.status().as_u16();
                 Ok::<_, reqwest::Error>((status, response.bytes().await))
             })
