@@ -19,7 +19,7 @@ use http::{Request, Response};
 
 use crate::config::UpstreamUrl;
 use crate::proxy::{HeaderRewrite, RequestBody};
-use crate::upstream::{BoxError, Conn, Connector, Exchange, ResponseBody, WireError};
+use crate::upstream::{BoxError, Conn, Connector, Exchange, Failed, ResponseBody, WireError};
 
 /// Why a request did not get a response.
 pub enum SendError {
@@ -75,19 +75,35 @@ impl Pool {
         request: Request<RequestBody>,
         rewrite: &HeaderRewrite<'_>,
     ) -> Result<Response<ResponseBody>, SendError> {
-        let conn = match self.take_idle() {
-            Some(conn) => conn,
-            // Boxed: inline, the connect future (rarely awaited, as connections are
-            // reused) would be most of the size of every request's future.
-            None => match Box::pin(self.connector.connect(&self.url)).await {
-                Ok(conn) => conn,
+        let (conn, reused) = match self.take_idle() {
+            Some(conn) => (conn, true),
+            None => match self.connect().await {
+                Ok(conn) => (conn, false),
                 Err(error) => return Err(SendError::Connect(Box::new(error), Box::new(request))),
             },
         };
-        let (head, mut body) = Exchange::new(conn, request, &self.host, rewrite)
-            .response()
-            .await
-            .map_err(SendError::Request)?;
+        let exchange = Exchange::new(conn, request, &self.host, rewrite);
+        let (head, mut body) = match exchange.response().await {
+            Ok(answer) => answer,
+            // A kept-alive connection the upstream closed just as it was picked (its
+            // keep-alive timeout ran out between the check and the request): the request
+            // never reached it, or reached it and was dropped unanswered. Idempotent and
+            // bodiless, it goes again on a fresh connection, as nginx does.
+            Err(Failed {
+                replay: Some(replay),
+                ..
+            }) if reused => {
+                let conn = self
+                    .connect()
+                    .await
+                    .map_err(|e| SendError::Request(e.into()))?;
+                Exchange::replay(conn, replay)
+                    .response()
+                    .await
+                    .map_err(|failed| SendError::Request(failed.error))?
+            }
+            Err(failed) => return Err(SendError::Request(failed.error)),
+        };
         body.set_home(Arc::downgrade(self));
         let mut response = Response::new(body);
         *response.status_mut() = head.status;
@@ -96,6 +112,12 @@ impl Pool {
             response.extensions_mut().insert(Upgrade(protocol));
         }
         Ok(response)
+    }
+
+    /// A new connection. Boxed: inline, the connect future (rarely awaited, as
+    /// connections are reused) would be most of the size of every request's future.
+    async fn connect(&self) -> std::io::Result<Conn> {
+        Box::pin(self.connector.connect(&self.url)).await
     }
 
     /// Closes idle connections past `idle_timeout` and those the upstream closed.

@@ -595,6 +595,30 @@ pub struct Exchange {
     method: Method,
     /// Whether the request asked to switch protocols (a 101 is then welcome).
     upgrade: bool,
+    /// The whole request, for a request that may be sent again: idempotent and
+    /// bodiless.
+    replayable: Option<Bytes>,
+    /// Whether any byte of a response has arrived.
+    heard: bool,
+}
+
+/// A request that failed before any byte of an answer came back, and that may be
+/// sent again on another connection (RFC 9110 §9.2.2: idempotent, and without a body,
+/// so it is whole here).
+pub struct Replay {
+    head: Bytes,
+    method: Method,
+    upgrade: bool,
+}
+
+/// A failed exchange.
+pub struct Failed {
+    /// Why it failed.
+    pub error: WireError,
+    /// Set when the connection died before answering and the request may be sent
+    /// again: what a reused connection closed by the upstream at the wrong moment
+    /// looks like.
+    pub replay: Option<Replay>,
 }
 
 impl Exchange {
@@ -613,6 +637,7 @@ impl Exchange {
             Framing::Length(n) => (Some(body), false, n),
             _ => (Some(body), true, 0),
         };
+        let replayable = (body.is_none() && parts.method.is_idempotent()).then(|| head.clone());
         Exchange {
             conn,
             upload: Upload {
@@ -624,13 +649,58 @@ impl Exchange {
             },
             method: parts.method,
             upgrade: rewrite.upgrades(),
+            replayable,
+            heard: false,
+        }
+    }
+
+    /// Sends a failed request again, on `conn`.
+    pub fn replay(conn: Conn, replay: Replay) -> Exchange {
+        Exchange {
+            conn,
+            upload: Upload {
+                out: vec![replay.head],
+                body: None,
+                chunked: false,
+                promised: 0,
+                write_failed: None,
+            },
+            method: replay.method,
+            upgrade: replay.upgrade,
+            // Once is enough.
+            replayable: None,
+            heard: false,
         }
     }
 
     /// Sends the request and waits for the final response head (interim 1xx answers
     /// other than 101 are skipped).
-    pub async fn response(mut self) -> Result<(Head, ResponseBody), WireError> {
-        let head = std::future::poll_fn(|cx| self.poll_head(cx)).await?;
+    pub async fn response(mut self) -> Result<(Head, ResponseBody), Failed> {
+        let head = match std::future::poll_fn(|cx| self.poll_head(cx)).await {
+            Ok(head) => head,
+            Err(error) => {
+                let died = match &error {
+                    WireError::Closed => true,
+                    WireError::Io(e) => matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::BrokenPipe
+                            | io::ErrorKind::UnexpectedEof
+                    ),
+                    _ => false,
+                };
+                let replay = match (died && !self.heard, self.replayable) {
+                    (true, Some(head)) => Some(Replay {
+                        head,
+                        method: self.method,
+                        upgrade: self.upgrade,
+                    }),
+                    _ => None,
+                };
+                return Err(Failed { error, replay });
+            }
+        };
         let done = head.framing == Framing::Done && head.status != StatusCode::SWITCHING_PROTOCOLS;
         let body = ResponseBody {
             conn: Some(self.conn),
@@ -673,7 +743,7 @@ impl Exchange {
                         None => WireError::Closed,
                     }))
                 }
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(_)) => self.heard = true,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(WireError::Io(e))),
                 Poll::Pending => return Poll::Pending,
             }

@@ -3,8 +3,9 @@
 //! part costs its connection and nothing else, a connection the upstream closes is
 //! replaced unnoticed, and idle connections close after `[upstream] pool_idle_timeout`
 //! and beyond `pool_max_idle_per_host`, a connection still sending a request body waits
-//! outside the pool, trailers end a body like any other end, and a timed-out request's
-//! connection closes.
+//! outside the pool, trailers end a body like any other end, a timed-out request's
+//! connection closes, and a reused connection that dies unanswered costs idempotent
+//! requests nothing.
 
 mod common;
 use common::*;
@@ -405,4 +406,53 @@ async fn a_timed_out_request_closes_its_connection() {
     }
     assert_eq!(get(&gw, &token, "/api/v1/x").await.status(), 200);
     assert_eq!(opened.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_closed_unanswered_is_retried_only_for_idempotent_requests() {
+    // Each connection answers its first request and then, at the second, closes without
+    // a word: what an upstream whose keep-alive timeout runs out just as the gateway
+    // reuses its connection looks like from the gateway.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let opened = Arc::new(AtomicUsize::new(0));
+    let counter = opened.clone();
+    let _task = accept_loop(listener, move |mut stream| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut buf = Vec::new();
+            if read_head(&mut stream, &mut buf).await.is_some() {
+                let _ = stream.write_all(OK).await;
+            }
+            // The second head is read, and the connection dropped unanswered.
+            let _ = read_head(&mut stream, &mut buf).await;
+        }
+    });
+    let gw = gateway_before(addr, "").await;
+    let token = gw.alex_token().await;
+    let send = |method: reqwest::Method| {
+        gw.http1
+            .request(method, gw.url("/api/v1/x"))
+            .bearer_auth(&token)
+            .send()
+    };
+
+    // GET: the second request dies with its connection and goes again on a new one.
+    assert_eq!(send(reqwest::Method::GET).await.unwrap().status(), 200);
+    assert_eq!(opened.load(Ordering::SeqCst), 1);
+    let response = send(reqwest::Method::GET).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "ok");
+    assert_eq!(opened.load(Ordering::SeqCst), 2, "retried on a new connection");
+
+    // DELETE is idempotent too. The connection the retry opened has served one request.
+    assert_eq!(send(reqwest::Method::DELETE).await.unwrap().status(), 200);
+    assert_eq!(opened.load(Ordering::SeqCst), 3);
+
+    // POST is not: the upstream may have acted on it, so the client hears of the failure.
+    assert_eq!(send(reqwest::Method::GET).await.unwrap().status(), 200);
+    assert_eq!(opened.load(Ordering::SeqCst), 4);
+    let response = send(reqwest::Method::POST).await.unwrap();
+    expect_error(response, 502, "bad_gateway").await;
+    assert_eq!(opened.load(Ordering::SeqCst), 4, "no retry");
 }
