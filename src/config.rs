@@ -153,7 +153,8 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// Deadline for the TCP connection to an upstream.
+    /// Deadline for a new connection to an upstream: TCP, and the TLS handshake for
+    /// `https://`; 504 when it passes.
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: Duration,
     /// Deadline for the upstream's response headers; 504 when it passes.
