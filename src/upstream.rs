@@ -23,8 +23,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode, Version};
 use hyper::body::{Body as _, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 
 use crate::config::UpstreamUrl;
@@ -244,17 +245,34 @@ struct Upload {
     promised: u64,
     /// The upstream stopped taking the request (it may still answer).
     write_failed: Option<io::Error>,
+    /// All of the request is written and flushed.
+    sent: bool,
 }
 
 impl Upload {
+    fn new(head: Bytes, body: Option<RequestBody>, chunked: bool, promised: u64) -> Upload {
+        Upload {
+            out: vec![head],
+            body,
+            chunked,
+            promised,
+            write_failed: None,
+            sent: false,
+        }
+    }
+
     fn is_done(&self) -> bool {
-        (self.out.is_empty() && self.body.is_none()) || self.write_failed.is_some()
+        self.sent || self.write_failed.is_some()
     }
 
     /// Writes what it can. An error is the client's body failing; a failed write is
     /// kept in `write_failed`, since the upstream may have answered before closing.
-    fn poll(&mut self, io: &mut Io, cx: &mut Context<'_>) -> Poll<Result<(), WireError>> {
-        if self.write_failed.is_some() {
+    fn poll<W: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut W,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), WireError>> {
+        if self.is_done() {
             return Poll::Ready(Ok(()));
         }
         loop {
@@ -290,9 +308,11 @@ impl Upload {
                 }
             }
             let Some(body) = &mut self.body else {
-                // TLS may hold the last record back until flushed.
-                if let Poll::Ready(Err(e)) = Pin::new(&mut *io).poll_flush(cx) {
-                    self.write_failed = Some(e);
+                // TLS may hold the last record back until flushed: not sent until then.
+                match Pin::new(&mut *io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.sent = true,
+                    Poll::Ready(Err(e)) => self.write_failed = Some(e),
+                    Poll::Pending => return Poll::Pending,
                 }
                 return Poll::Ready(Ok(()));
             };
@@ -347,6 +367,22 @@ impl Upload {
                 }
             }
         }
+    }
+}
+
+impl Upload {
+    /// Finishes the upload in a task of its own, once the upstream has answered before
+    /// having all of the request: from the response body, it would move only while the
+    /// client reads, and a client that sends all before reading would wait for ever.
+    /// Gives back the write half when all was sent; after a failure it closes the write
+    /// side, so the upstream does not wait for the rest of a body that is not coming.
+    async fn finish(mut self, mut write: WriteHalf<Io>) -> Option<WriteHalf<Io>> {
+        let result = std::future::poll_fn(|cx| self.poll(&mut write, cx)).await;
+        if result.is_ok() && self.write_failed.is_none() {
+            return Some(write);
+        }
+        let _ = write.shutdown().await;
+        None
     }
 }
 
@@ -480,6 +516,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireE
     };
     let mut headers = HeaderMap::with_capacity(count);
     let mut length: Option<u64> = None;
+    let mut repeated_length = false;
     let mut chunked = None;
     let mut close = false;
     // HTTP/1.0 connections close after each response unless they say otherwise.
@@ -495,6 +532,9 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireE
             if length.is_some_and(|previous| previous != n) {
                 return Err(WireError::Malformed("conflicting Content-Length"));
             }
+            // `3, 3` or a repeated header: the one value goes on, as one header (HTTP/2
+            // clients reset a stream over anything else).
+            repeated_length |= length.is_some() || value.contains(&b',');
             length = Some(n);
         }
         if is_hop_by_hop(name) {
@@ -531,13 +571,22 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireE
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
+    if chunked.is_some() && version == Version::HTTP_10 {
+        // RFC 9112 §6.1: HTTP/1.0 has no transfer codings; such framing is faulty.
+        return Err(WireError::Malformed(
+            "Transfer-Encoding in an HTTP/1.0 response",
+        ));
+    }
     let framing = match (bodiless, chunked, length) {
-        (true, _, _) => Framing::Done,
+        (true, _, _) | (false, None, Some(0)) => Framing::Done,
         (false, Some(true), _) => Framing::Chunked(Chunk::Size),
         (false, Some(false), _) => Framing::Eof,
         (false, None, Some(n)) => Framing::Length(n),
         (false, None, None) => Framing::Eof,
     };
+    if let (true, Some(n), None) = (repeated_length, length, chunked) {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
     if chunked.is_some() && length.is_some() {
         // Both: Transfer-Encoding wins, and the Content-Length must not reach the
         // client, whose framing hyper derives from it. Such an upstream is suspect;
@@ -576,8 +625,8 @@ fn parse_length(value: &[u8]) -> Result<u64, WireError> {
 }
 
 /// Reads from `io` into `buf`, making room for `want` bytes. `Ok(0)` is end of stream.
-fn poll_fill(
-    io: &mut Io,
+fn poll_fill<R: AsyncRead + Unpin>(
+    io: &mut R,
     buf: &mut BytesMut,
     want: usize,
     cx: &mut Context<'_>,
@@ -640,13 +689,7 @@ impl Exchange {
         let replayable = (body.is_none() && parts.method.is_idempotent()).then(|| head.clone());
         Exchange {
             conn,
-            upload: Upload {
-                out: vec![head],
-                body,
-                chunked,
-                promised,
-                write_failed: None,
-            },
+            upload: Upload::new(head, body, chunked, promised),
             method: parts.method,
             upgrade: rewrite.upgrades(),
             replayable,
@@ -658,13 +701,7 @@ impl Exchange {
     pub fn replay(conn: Conn, replay: Replay) -> Exchange {
         Exchange {
             conn,
-            upload: Upload {
-                out: vec![replay.head],
-                body: None,
-                chunked: false,
-                promised: 0,
-                write_failed: None,
-            },
+            upload: Upload::new(replay.head, None, false, 0),
             method: replay.method,
             upgrade: replay.upgrade,
             // Once is enough.
@@ -702,11 +739,22 @@ impl Exchange {
             }
         };
         let done = head.framing == Framing::Done && head.status != StatusCode::SWITCHING_PROTOCOLS;
+        let Conn { io, buf } = self.conn;
+        // A request the upstream stopped reading leaves the connection unusable.
+        let keep_alive = head.keep_alive && self.upload.write_failed.is_none();
+        let link = if self.upload.is_done() {
+            // Nearly always: the request was written before the answer came.
+            Link::Whole(io)
+        } else {
+            let (read, write) = tokio::io::split(io);
+            let upload = tokio::spawn(self.upload.finish(write));
+            Link::Split { read, upload }
+        };
         let body = ResponseBody {
-            conn: Some(self.conn),
-            upload: self.upload,
+            link: Some(link),
+            buf,
             framing: head.framing,
-            keep_alive: head.keep_alive,
+            keep_alive,
             home: None,
             ended: done,
         };
@@ -751,15 +799,27 @@ impl Exchange {
     }
 }
 
+/// The connection under a response body.
+enum Link {
+    /// The request is all sent.
+    Whole(Io),
+    /// The rest of the request is on its way in a task of its own, which gives the
+    /// write half back when all is sent.
+    Split {
+        read: ReadHalf<Io>,
+        upload: JoinHandle<Option<WriteHalf<Io>>>,
+    },
+}
+
 /// A response body read from the upstream as the client's connection asks for it.
-/// The request body, if the upstream answered before it had all of it, keeps going
-/// from here. Dropped before its end, it closes the connection.
+/// Dropped before its end, it closes the connection.
 pub struct ResponseBody {
-    conn: Option<Conn>,
-    upload: Upload,
+    link: Option<Link>,
+    /// Bytes read and not yet used.
+    buf: BytesMut,
     framing: Framing,
     keep_alive: bool,
-    /// The pool the connection goes back to once its response is read to the end.
+    /// The pool the connection goes back to once its exchange is over.
     home: Option<Weak<Pool>>,
     ended: bool,
 }
@@ -776,37 +836,48 @@ impl ResponseBody {
 
     /// After a 101: the upstream connection, and any bytes it sent after the head.
     pub fn into_upgraded(mut self) -> Option<(Io, Bytes)> {
-        let conn = self.conn.take()?;
-        Some((conn.io, conn.buf.freeze()))
+        match self.link.take()? {
+            Link::Whole(io) => Some((io, std::mem::take(&mut self.buf).freeze())),
+            Link::Split { .. } => None,
+        }
     }
 
+    /// The response is read to its end: the connection goes back to the pool if it
+    /// can carry another request (kept alive, nothing unread), once the request is
+    /// all sent too.
     fn finish(&mut self) {
         self.ended = true;
-        let reusable = self.keep_alive
-            && self.upload.is_done()
-            && self.upload.write_failed.is_none()
-            && self.conn.as_ref().is_some_and(|c| c.buf.is_empty());
-        if let (true, Some(conn), Some(pool)) = (
-            reusable,
-            self.conn.take(),
-            self.home.take().and_then(|home| home.upgrade()),
-        ) {
-            pool.give_back(conn);
+        let link = self.link.take();
+        let pool = self.home.take().and_then(|home| home.upgrade());
+        let (Some(link), Some(pool), true) = (link, pool, self.keep_alive && self.buf.is_empty())
+        else {
+            return;
+        };
+        match link {
+            Link::Whole(io) => pool.give_back(Conn {
+                io,
+                buf: std::mem::take(&mut self.buf),
+            }),
+            Link::Split { read, upload } => {
+                // The upload may still be going; the connection joins the pool when it is
+                // done, if it ends well.
+                tokio::spawn(async move {
+                    if let Ok(Some(write)) = upload.await {
+                        if read.is_pair_of(&write) {
+                            pool.give_back(Conn::new(read.unsplit(write)));
+                        }
+                    }
+                });
+            }
         }
-        self.conn = None;
     }
 
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, WireError>>> {
-        let Some(conn) = &mut self.conn else {
+        let Some(link) = &mut self.link else {
             return Poll::Ready(None);
         };
-        if !self.upload.is_done() {
-            if let Poll::Ready(Err(e)) = self.upload.poll(&mut conn.io, cx) {
-                return Poll::Ready(Some(Err(e)));
-            }
-        }
         loop {
-            let buf = &mut conn.buf;
+            let buf = &mut self.buf;
             let want = match self.framing {
                 Framing::Done => return Poll::Ready(None),
                 Framing::Length(0) => {
@@ -851,7 +922,11 @@ impl ResponseBody {
                     Step::More(None) => READ_SMALL,
                 },
             };
-            match poll_fill(&mut conn.io, &mut conn.buf, want, cx) {
+            let filled = match link {
+                Link::Whole(io) => poll_fill(io, &mut self.buf, want, cx),
+                Link::Split { read, .. } => poll_fill(read, &mut self.buf, want, cx),
+            };
+            match filled {
                 Poll::Ready(Ok(0)) if self.framing == Framing::Eof => {
                     self.keep_alive = false;
                     self.framing = Framing::Done;
@@ -890,7 +965,7 @@ impl hyper::body::Body for ResponseBody {
             // A broken body leaves the connection in an unknown state: it goes.
             Poll::Ready(Some(Err(_))) => {
                 self.ended = true;
-                self.conn = None;
+                self.link = None;
             }
             Poll::Pending => {}
         }
@@ -975,6 +1050,12 @@ fn decode_chunk(buf: &mut BytesMut, state: Chunk) -> Result<Step, WireError> {
                 Ok(httparse::Status::Complete((len, fields))) => {
                     let mut trailers = HeaderMap::with_capacity(fields.len());
                     for field in fields.iter() {
+                        // Fields about the connection or the framing have no place in
+                        // trailers (RFC 9110 §6.5.1), and HTTP/2 refuses them.
+                        let raw = field.name.as_bytes();
+                        if is_hop_by_hop(raw) || raw.eq_ignore_ascii_case(b"content-length") {
+                            continue;
+                        }
                         let name = HeaderName::from_bytes(field.name.as_bytes())
                             .map_err(|_| WireError::Malformed("invalid trailer name"))?;
                         let value = HeaderValue::from_bytes(field.value)
@@ -1065,10 +1146,23 @@ mod tests {
         assert_eq!((h.framing, h.keep_alive), (Framing::Done, true));
         assert_eq!(h.headers["content-length"], "7");
 
-        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\n")
+        // A list of one value, or the same header twice, reaches the client as one.
+        for twice in [
+            "content-length: 3, 3\r\n",
+            "content-length: 3\r\ncontent-length: 3\r\n",
+        ] {
+            let h = head(&format!("HTTP/1.1 200 OK\r\n{twice}\r\n"))
+                .unwrap()
+                .unwrap();
+            assert_eq!(h.framing, Framing::Length(3));
+            let values: Vec<_> = h.headers.get_all("content-length").iter().collect();
+            assert_eq!(values, ["3"]);
+        }
+        // An empty body is over at its head, so the connection is free at once.
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert_eq!(h.framing, Framing::Length(3));
+        assert_eq!((h.framing, h.keep_alive), (Framing::Done, true));
         assert!(head("HTTP/1.1 200 OK\r\ncontent-length: 3")
             .unwrap()
             .is_none());
@@ -1102,6 +1196,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\ncontent-length:\r\n\r\n",
             "HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
             "HTTP/2 200 OK\r\n\r\n",
+            "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
             "SSH-2.0-OpenSSH\r\n\r\n",
         ] {
             assert!(head(bad).is_err(), "{bad:?}");
@@ -1140,9 +1235,15 @@ mod tests {
         assert_eq!(body, b"hello!0123456789");
         assert!(trailers.is_none());
         assert_eq!(left, 4, "bytes after the body are not consumed");
-        let (body, trailers, _) = decode_all(b"2\r\nok\r\n0\r\nx-sum: 1\r\ny: 2\r\n\r\n").unwrap();
+        // Connection and framing fields among trailers are dropped.
+        let (body, trailers, _) = decode_all(
+            b"2\r\nok\r\n0\r\nx-sum: 1\r\nconnection: close\r\ncontent-length: 9\r\n\
+              transfer-encoding: chunked\r\ny: 2\r\n\r\n",
+        )
+        .unwrap();
         assert_eq!(body, b"ok");
         let trailers = trailers.unwrap();
+        assert_eq!(trailers.len(), 2, "{trailers:?}");
         assert_eq!(
             (&trailers["x-sum"], &trailers["y"]),
             (&"1".parse().unwrap(), &"2".parse().unwrap())

@@ -311,7 +311,7 @@ const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 #[tokio::test]
 async fn connections_still_sending_a_body_wait_outside_the_pool() {
     // The upstream answers each POST at once, before reading its body, then reads the
-    // body to its end: hyper keeps sending it after the response is complete.
+    // body to its end: the gateway keeps sending it after the response is complete.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (_opened, _closed, _task) =
@@ -443,7 +443,11 @@ async fn a_kept_alive_connection_closed_unanswered_is_retried_only_for_idempoten
     let response = send(reqwest::Method::GET).await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().await.unwrap(), "ok");
-    assert_eq!(opened.load(Ordering::SeqCst), 2, "retried on a new connection");
+    assert_eq!(
+        opened.load(Ordering::SeqCst),
+        2,
+        "retried on a new connection"
+    );
 
     // DELETE is idempotent too. The connection the retry opened has served one request.
     assert_eq!(send(reqwest::Method::DELETE).await.unwrap().status(), 200);
