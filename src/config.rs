@@ -157,7 +157,8 @@ pub struct UpstreamConfig {
     /// `https://`; 504 when it passes.
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: Duration,
-    /// Deadline for the upstream's response headers; 504 when it passes.
+    /// Deadline for the upstream's response headers; 504 when it passes. Also how long
+    /// the rest of a request body may go without progress once the upstream answered.
     #[serde(deserialize_with = "duration")]
     pub response_timeout: Duration,
     /// How long an unused pooled connection is kept.

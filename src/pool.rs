@@ -69,11 +69,13 @@ impl Pool {
     /// Sends `request` (origin-form URI, the client's headers) with `rewrite` applied,
     /// on an idle connection or a new one, and waits for the response head. When the
     /// rewrite asks for an upgrade, a 101 answer is accepted and its body gives up the
-    /// connection ([`ResponseBody::into_upgraded`]).
+    /// connection ([`ResponseBody::into_upgraded`]). A request body the upstream has
+    /// not all taken when it answers goes on until `stall` passes without progress.
     pub async fn send(
         self: &Arc<Self>,
         request: Request<RequestBody>,
         rewrite: &HeaderRewrite<'_>,
+        stall: Duration,
     ) -> Result<Response<ResponseBody>, SendError> {
         let (conn, reused) = match self.take_idle() {
             Some(conn) => (conn, true),
@@ -83,7 +85,7 @@ impl Pool {
             },
         };
         let exchange = Exchange::new(conn, request, &self.host, rewrite);
-        let (head, mut body) = match exchange.response().await {
+        let (head, mut body) = match exchange.response(stall).await {
             Ok(answer) => answer,
             // A kept-alive connection the upstream closed just as it was picked (its
             // keep-alive timeout ran out between the check and the request): the request
@@ -98,7 +100,7 @@ impl Pool {
                     .await
                     .map_err(|e| SendError::Request(e.into()))?;
                 Exchange::replay(conn, replay)
-                    .response()
+                    .response(stall)
                     .await
                     .map_err(|failed| SendError::Request(failed.error))?
             }

@@ -418,12 +418,15 @@ enum Failure {
 }
 
 async fn send(
+    route: &Route,
     target: &Target,
     request: Request<RequestBody>,
     rewrite: &HeaderRewrite<'_>,
     deadline: tokio::time::Instant,
 ) -> Result<Response<ResponseBody>, Failure> {
-    match tokio::time::timeout_at(deadline, target.pool.send(request, rewrite)).await {
+    // response_timeout also bounds a stall of the upload after an early answer.
+    let stall = route.response_timeout;
+    match tokio::time::timeout_at(deadline, target.pool.send(request, rewrite, stall)).await {
         Err(_) => Err(Failure::TimedOut),
         Ok(Err(SendError::Connect(error, request))) => Err(Failure::Connect(error, request)),
         Ok(Err(SendError::Request(error))) => Err(Failure::Other(error)),
@@ -499,7 +502,7 @@ pub async fn forward(
     let deadline = tokio::time::Instant::now() + route.response_timeout;
     let target = route.pick(None);
     *forwarded.uri_mut() = upstream_uri(&route.targets[target].url, &path, original)?;
-    let mut outcome = send(&route.targets[target], forwarded, &rewrite, deadline).await;
+    let mut outcome = send(route, &route.targets[target], forwarded, &rewrite, deadline).await;
     if let Err(Failure::Connect(error, mut unsent)) = outcome {
         route.targets[target].mark_down(route.cooldown);
         outcome = if route.targets.len() > 1 {
@@ -511,7 +514,7 @@ pub async fn forward(
                 "upstream connect failed before the request was sent; retrying on the next address"
             );
             *unsent.uri_mut() = upstream_uri(&route.targets[next].url, &path, original)?;
-            let retried = send(&route.targets[next], *unsent, &rewrite, deadline).await;
+            let retried = send(route, &route.targets[next], *unsent, &rewrite, deadline).await;
             if let Err(Failure::Connect(_, _)) = &retried {
                 route.targets[next].mark_down(route.cooldown);
             }

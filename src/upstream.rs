@@ -247,6 +247,9 @@ struct Upload {
     write_failed: Option<io::Error>,
     /// All of the request is written and flushed.
     sent: bool,
+    /// Counts writes to the upstream and frames from the client: how a stalled upload
+    /// is told from a slow one.
+    moves: u64,
 }
 
 impl Upload {
@@ -258,6 +261,7 @@ impl Upload {
             promised,
             write_failed: None,
             sent: false,
+            moves: 0,
         }
     }
 
@@ -290,6 +294,7 @@ impl Upload {
                 };
                 match written {
                     Ok(mut n) => {
+                        self.moves += 1;
                         while n > 0 {
                             let first = &mut self.out[0];
                             let take = n.min(first.len());
@@ -330,7 +335,7 @@ impl Upload {
                     self.body = None;
                     return Poll::Ready(Err(WireError::Body(e)));
                 }
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Poll::Ready(Some(Ok(frame))) => match (self.moves += 1, frame.into_data()).1 {
                     Ok(data) if data.is_empty() => {}
                     Ok(data) if self.chunked => {
                         self.out.push(Bytes::from(format!("{:x}\r\n", data.len())));
@@ -376,12 +381,33 @@ impl Upload {
     /// client reads, and a client that sends all before reading would wait for ever.
     /// Gives back the write half when all was sent; after a failure it closes the write
     /// side, so the upstream does not wait for the rest of a body that is not coming.
-    async fn finish(mut self, mut write: WriteHalf<Io>) -> Option<WriteHalf<Io>> {
-        let result = std::future::poll_fn(|cx| self.poll(&mut write, cx)).await;
-        if result.is_ok() && self.write_failed.is_none() {
+    ///
+    /// Nothing moving either way (no byte taken by the upstream, no frame from the
+    /// client) for `stall` ends it as a failure: an upstream that answered and then
+    /// stopped reading would otherwise hold the task and the socket for ever.
+    async fn finish(mut self, mut write: WriteHalf<Io>, stall: Duration) -> Option<WriteHalf<Io>> {
+        let timer = tokio::time::sleep(stall);
+        tokio::pin!(timer);
+        let mut seen = self.moves;
+        let outcome = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = self.poll(&mut write, cx) {
+                return Poll::Ready(result.is_ok() && self.write_failed.is_none());
+            }
+            if self.moves != seen {
+                seen = self.moves;
+                timer.as_mut().reset(tokio::time::Instant::now() + stall);
+            }
+            match std::future::Future::poll(timer.as_mut(), cx) {
+                Poll::Ready(()) => Poll::Ready(false),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        if outcome {
             return Some(write);
         }
-        let _ = write.shutdown().await;
+        // A close_notify may not fit into a full socket: bounded too.
+        let _ = tokio::time::timeout(stall, write.shutdown()).await;
         None
     }
 }
@@ -711,8 +737,10 @@ impl Exchange {
     }
 
     /// Sends the request and waits for the final response head (interim 1xx answers
-    /// other than 101 are skipped).
-    pub async fn response(mut self) -> Result<(Head, ResponseBody), Failed> {
+    /// other than 101 are skipped). If the upstream answers before it has all of the
+    /// request, the rest goes on in a task of its own, given up after `stall` without
+    /// progress.
+    pub async fn response(mut self, stall: Duration) -> Result<(Head, ResponseBody), Failed> {
         let head = match std::future::poll_fn(|cx| self.poll_head(cx)).await {
             Ok(head) => head,
             Err(error) => {
@@ -747,7 +775,7 @@ impl Exchange {
             Link::Whole(io)
         } else {
             let (read, write) = tokio::io::split(io);
-            let upload = tokio::spawn(self.upload.finish(write));
+            let upload = tokio::spawn(self.upload.finish(write, stall));
             Link::Split { read, upload }
         };
         let body = ResponseBody {
@@ -838,7 +866,10 @@ impl ResponseBody {
     pub fn into_upgraded(mut self) -> Option<(Io, Bytes)> {
         match self.link.take()? {
             Link::Whole(io) => Some((io, std::mem::take(&mut self.buf).freeze())),
-            Link::Split { .. } => None,
+            Link::Split { upload, .. } => {
+                upload.abort();
+                None
+            }
         }
     }
 
@@ -940,6 +971,16 @@ impl ResponseBody {
     }
 }
 
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Dropped before its end: the upload task holds the other half of the socket,
+        // and would keep it open; the connection is to close now.
+        if let Some(Link::Split { upload, .. }) = &self.link {
+            upload.abort();
+        }
+    }
+}
+
 impl hyper::body::Body for ResponseBody {
     type Data = Bytes;
     type Error = WireError;
@@ -965,7 +1006,9 @@ impl hyper::body::Body for ResponseBody {
             // A broken body leaves the connection in an unknown state: it goes.
             Poll::Ready(Some(Err(_))) => {
                 self.ended = true;
-                self.link = None;
+                if let Some(Link::Split { upload, .. }) = self.link.take() {
+                    upload.abort();
+                }
             }
             Poll::Pending => {}
         }

@@ -1,0 +1,322 @@
+//! A request body still going up after the upstream has answered (the upload then runs
+//! in a task of its own, `Upload::finish`) never outlives its exchange: a response body
+//! dropped early closes the upstream connection, and an upstream that stops reading is
+//! given up after `response_timeout` without progress. A second review of the codec
+//! found both broken (the task was detached and unbounded, holding the socket through
+//! its write half); the comment on each test says how it failed. Helpers are cut down
+//! from tests/upstream_edges.rs.
+
+mod common;
+use common::raw::{client_tls, server_name};
+use common::*;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn head_values<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
+    head.split("\r\n")
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+        .collect()
+}
+
+fn content_length(head: &str) -> usize {
+    head_values(head, "content-length")
+        .first()
+        .map_or(0, |v| v.parse().expect("a numeric Content-Length"))
+}
+
+/// Reads one request head (through its empty line) into a string; what follows stays
+/// in `buf`.
+async fn read_head<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> Option<String> {
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some(i) = find(buf, b"\r\n\r\n") {
+            let head = String::from_utf8(buf.drain(..i + 4).collect()).unwrap();
+            return Some(head);
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+async fn gateway_for(up: SocketAddr, before: &str, routes: &str) -> (TestGateway, String) {
+    let text = config_text(up, before, routes);
+    let gw = TestGateway::start_text(Upstream::start().await, &text).await;
+    let token = gw.alex_token().await;
+    (gw, token)
+}
+
+async fn within<T>(secs: u64, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), future)
+        .await
+        .unwrap_or_else(|_| panic!("not done within {secs} s"))
+}
+
+/// A TLS connection to the gateway with small socket buffers (so that megabytes, not
+/// tens of them, fill the path).
+async fn small_buffer_client(gw: &TestGateway) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    socket.set_send_buffer_size(64 * 1024).unwrap();
+    let tcp = socket.connect(gw.addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(client_tls(&[&gw.ca_pem], &[b"http/1.1"]))
+        .connect(server_name(), tcp)
+        .await
+        .unwrap()
+}
+
+/// A listener whose accepted sockets have 4 KiB buffers, so an upstream that stops
+/// reading (or writing) fills the path after a few kilobytes on its side.
+fn small_buffer_listener() -> TcpListener {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.set_send_buffer_size(4096).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(16).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    TcpListener::from_std(socket.into()).unwrap()
+}
+
+/// Waits until `counter` has not moved for half a second (the path is full), at most
+/// `secs`; returns its value.
+async fn until_stalled(counter: &AtomicUsize, secs: u64) -> usize {
+    let started = Instant::now();
+    let mut last = counter.load(Ordering::SeqCst);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = counter.load(Ordering::SeqCst);
+        if now == last || started.elapsed() > Duration::from_secs(secs) {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// Waits up to `secs` for `flag`; returns how long it took, or `None`.
+async fn wait_for(flag: &AtomicBool, secs: u64) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(secs) {
+        if flag.load(Ordering::SeqCst) {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------
+// 1. A response body dropped before its end no longer closes the upstream connection.
+//
+// `ResponseBody` says "Dropped before its end, it closes the connection", and before
+// the split it did (it owned the `Conn`). With `Link::Split` the drop only drops the
+// read half and detaches the upload's `JoinHandle` (a dropped JoinHandle does not abort
+// its task): the task keeps the write half, and with it the socket, open. If that
+// task is blocked writing, nothing ever ends it.
+//
+// An ordinary echo upstream (answers at once, then reads a piece and writes it back,
+// one after the other) and a client that sends before it reads fill the path; this is
+// the client's doing, and any proxy would stall. The client then gives up and closes.
+// hyper drops the response body; the upstream, blocked writing the echo into a socket
+// the gateway no longer reads, and the gateway's upload task, blocked writing the body
+// into an upstream that no longer reads, now wait on each other for ever: the upstream
+// connection (and the task, and the chunk it holds) never go. Before this commit the
+// drop closed the connection and the upstream got a reset at once.
+
+#[tokio::test]
+async fn a_response_body_dropped_early_closes_the_upstream_connection() {
+    const SIZE: usize = 64 << 20;
+    let echoed = Arc::new(AtomicUsize::new(0));
+    let gone = Arc::new(AtomicBool::new(false));
+    let listener = small_buffer_listener();
+    let addr = listener.local_addr().unwrap();
+    let (count, flag) = (echoed.clone(), gone.clone());
+    let _task = accept_loop(listener, move |mut stream| {
+        let (echoed, gone) = (count.clone(), flag.clone());
+        async move {
+            let mut buf = Vec::new();
+            if let Some(head) = read_head(&mut stream, &mut buf).await {
+                let length = content_length(&head);
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {length}\r\n\r\n");
+                let mut done = 0;
+                let mut ok = stream.write_all(answer.as_bytes()).await.is_ok()
+                    && stream.write_all(&buf).await.is_ok();
+                done += buf.len();
+                let mut chunk = vec![0u8; 16 * 1024];
+                while ok && done < length {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => ok = false,
+                        Ok(n) => {
+                            ok = stream.write_all(&chunk[..n]).await.is_ok();
+                            done += n;
+                            echoed.store(done, Ordering::SeqCst);
+                        }
+                    }
+                }
+                if done >= length {
+                    // Not expected: the client never sends it all.
+                    return;
+                }
+            }
+            gone.store(true, Ordering::SeqCst);
+        }
+    });
+    let (gw, token) = gateway_for(addr, "", "").await;
+
+    let tls = small_buffer_client(&gw).await;
+    let (mut read, mut write) = tokio::io::split(tls);
+    let head = format!(
+        "POST /api/v1/echo HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: {SIZE}\r\n\r\n",
+        gw.addr.port()
+    );
+    write.write_all(head.as_bytes()).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let body = pattern(SIZE);
+        let _ = write.write_all(&body).await;
+        write
+    });
+    // The 200 head comes at once; the client reads no further.
+    let mut response = Vec::new();
+    within(10, async {
+        let mut chunk = [0u8; 1024];
+        while find(&response, b"\r\n\r\n").is_none() {
+            match read.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => response.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        response.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&response)
+    );
+    let stalled_at = until_stalled(&echoed, 30).await;
+    // The client gives up: its connection closes, and hyper drops the response body.
+    writer.abort();
+    let _ = writer.await;
+    drop(read);
+    let closed = wait_for(&gone, 5).await;
+    assert!(
+        closed.is_some(),
+        "5 s after the client left (and its response body was dropped half-read), the \
+         upstream connection is still open: the upload task holds it (the path stalled \
+         after {stalled_at} echoed bytes)"
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// 2. After an early answer, the upload runs on for ever once the upstream stops
+//    reading, even after the client has left.
+//
+// `Upload::finish` is `poll_fn(|cx| self.poll(&mut write, cx)).await` with no deadline.
+// While `out` holds bytes and `poll_write` is Pending, `Upload::poll` returns Pending
+// without polling the client's body, so the body's error (the client closed; or the
+// gateway's own idle_timeout closed it) is never seen. The response has ended and
+// `finish()` spawned the reunite task, which waits on the upload as well. Before the
+// answer the same stall is cut by response_timeout (timeout_at around Pool::send);
+// before this commit, the end of the response dropped the connection. Here the
+// upstream socket stays open as long as the upstream keeps it, i.e. for ever for an
+// upstream that is hung (the kernel still accepts its connection) — one socket and one
+// task per such request. (After a body error on a TLS upstream, `write.shutdown()`
+// has the same problem: close_notify cannot be written into a full socket, and the
+// await has no bound.)
+
+#[tokio::test]
+async fn an_upload_after_an_early_answer_does_not_outlive_its_client() {
+    const SIZE: usize = 64 << 20;
+    let gone = Arc::new(AtomicBool::new(false));
+    let listener = small_buffer_listener();
+    let addr = listener.local_addr().unwrap();
+    let flag = gone.clone();
+    let _task = accept_loop(listener, move |mut stream| {
+        let gone = flag.clone();
+        async move {
+            let mut buf = Vec::new();
+            if read_head(&mut stream, &mut buf).await.is_none() {
+                return;
+            }
+            // A complete answer at once (keep-alive), then the upstream stops reading,
+            // as a hung process would. A byte now and then (which the gateway never
+            // reads) tells whether the gateway's end of the connection is still open.
+            if stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if stream.write_all(b"x").await.is_err() {
+                    gone.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+        }
+    });
+    let before = "[upstream]\nresponse_timeout = \"2s\"\n";
+    let (gw, token) = gateway_for(addr, before, "").await;
+
+    let tls = small_buffer_client(&gw).await;
+    let (mut read, mut write) = tokio::io::split(tls);
+    let head = format!(
+        "POST /api/v1/hung HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: {SIZE}\r\n\r\n",
+        gw.addr.port()
+    );
+    write.write_all(head.as_bytes()).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let body = pattern(SIZE);
+        let _ = write.write_all(&body).await;
+        write
+    });
+    let mut response = Vec::new();
+    within(10, async {
+        let mut chunk = [0u8; 1024];
+        while !response.ends_with(b"\r\n\r\nok") {
+            match read.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => response.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        response.starts_with(b"HTTP/1.1 200") && response.ends_with(b"ok"),
+        "{:?}",
+        String::from_utf8_lossy(&response)
+    );
+    // The body stalls at once (the upstream reads nothing); the client gives up.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    writer.abort();
+    let _ = writer.await;
+    drop(read);
+    let closed = wait_for(&gone, 10).await;
+    assert!(
+        closed.is_some(),
+        "10 s after the client left (response_timeout 2 s), the gateway still holds the \
+         upstream connection: the upload task waits on a write with no deadline and never \
+         sees the client's body fail"
+    );
+}
