@@ -4,13 +4,15 @@
 //! while the client is not reading, and after an early answer; an empty answer frees
 //! its connection at once; a `Content-Length` list reaches HTTP/2 clients as one value;
 //! an HTTP/1.0 answer with `Transfer-Encoding` is refused. The raw upstream is the
-//! style of tests/upstream_wire.rs, cut down.
+//! one of tests/upstream_wire.rs (tests/common/wire.rs).
 
 mod common;
-use common::raw::{client_tls, server_name};
+use common::wire::{
+    content_length, gateway_for, read_head, small_buffer_client, tuned_listener, within, Raw,
+    Reply, OK,
+};
 use common::*;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,104 +21,7 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-fn head_values<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
-    head.split("\r\n")
-        .skip(1)
-        .filter_map(|line| line.split_once(':'))
-        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.trim())
-        .collect()
-}
-
-fn content_length(head: &str) -> usize {
-    head_values(head, "content-length")
-        .first()
-        .map_or(0, |v| v.parse().expect("a numeric Content-Length"))
-}
-
-/// Reads one request head (through its empty line) into a string; what follows stays
-/// in `buf`.
-async fn read_head<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> Option<String> {
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        if let Some(i) = find(buf, b"\r\n\r\n") {
-            let head = String::from_utf8(buf.drain(..i + 4).collect()).unwrap();
-            return Some(head);
-        }
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
-/// A raw upstream answering every request (bodiless or Content-Length only) with the
-/// bytes `answer(path)` gives; counts connections.
-struct Raw {
-    addr: SocketAddr,
-    opened: Arc<AtomicUsize>,
-    _task: Task,
-}
-
-impl Raw {
-    async fn start(answer: fn(&str) -> Vec<u8>) -> Raw {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let opened = Arc::new(AtomicUsize::new(0));
-        let count = opened.clone();
-        let task = accept_loop(listener, move |mut stream| {
-            count.fetch_add(1, Ordering::SeqCst);
-            async move {
-                let mut buf = Vec::new();
-                while let Some(head) = read_head(&mut stream, &mut buf).await {
-                    let mut length = content_length(&head);
-                    while buf.len() < length {
-                        let mut chunk = [0u8; 16 * 1024];
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    buf.drain(..std::mem::take(&mut length));
-                    let path = head.split(' ').nth(1).unwrap_or_default().to_owned();
-                    if stream.write_all(&answer(&path)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Raw {
-            addr,
-            opened,
-            _task: task,
-        }
-    }
-
-    fn opened(&self) -> usize {
-        self.opened.load(Ordering::SeqCst)
-    }
-}
-
-async fn gateway_for(up: SocketAddr, before: &str, routes: &str) -> (TestGateway, String) {
-    let text = config_text(up, before, routes);
-    let gw = TestGateway::start_text(Upstream::start().await, &text).await;
-    let token = gw.alex_token().await;
-    (gw, token)
-}
-
-async fn within<T>(secs: u64, future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), future)
-        .await
-        .unwrap_or_else(|_| panic!("not done within {secs} s"))
-}
-
-const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+use tokio::net::{TcpListener, TcpStream};
 
 // ---------------------------------------------------------------------------------
 // 1. `Content-Length: 0` answers lose their connection (HTTP/1.1 clients).
@@ -128,12 +33,12 @@ const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
 #[tokio::test]
 async fn an_empty_content_length_answer_keeps_its_connection() {
-    let up = Raw::start(|path| match path {
-        "/api/v1/empty" => b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec(),
+    let up = Raw::start(|seen| match seen.path() {
+        "/api/v1/empty" => Reply::new(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
         "/api/v1/created" => {
-            b"HTTP/1.1 201 Created\r\nlocation: /x/1\r\ncontent-length: 0\r\n\r\n".to_vec()
+            Reply::new(b"HTTP/1.1 201 Created\r\nlocation: /x/1\r\ncontent-length: 0\r\n\r\n")
         }
-        _ => OK.to_vec(),
+        _ => Reply::new(OK),
     })
     .await;
     let (gw, token) = gateway_for(up.addr, "", "").await;
@@ -177,16 +82,10 @@ async fn an_empty_content_length_answer_keeps_its_connection() {
 
 /// A TCP relay to `target`: slow from the gateway to the upstream, small MSS.
 async fn slow_relay(target: SocketAddr) -> (SocketAddr, Task) {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    socket.set_tcp_mss(1024).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket
-        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    socket.listen(16).unwrap();
-    socket.set_nonblocking(true).unwrap();
-    let listener = TcpListener::from_std(socket.into()).unwrap();
+    let listener = tuned_listener(|socket| {
+        socket.set_tcp_mss(1024)?;
+        socket.set_recv_buffer_size(4096)
+    });
     let addr = listener.local_addr().unwrap();
     async fn pump(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin, slow: bool) {
         let mut chunk = [0u8; 4096];
@@ -375,19 +274,6 @@ async fn serve_duplex(stream: TcpStream, answer_len: usize, received: Arc<Atomic
     }
 }
 
-/// A TLS connection to the gateway with small socket buffers (so that megabytes, not
-/// tens of them, fill the path).
-async fn small_buffer_client(gw: &TestGateway) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(64 * 1024).unwrap();
-    socket.set_send_buffer_size(64 * 1024).unwrap();
-    let tcp = socket.connect(gw.addr).await.unwrap();
-    tokio_rustls::TlsConnector::from(client_tls(&[&gw.ca_pem], &[b"http/1.1"]))
-        .connect(server_name(), tcp)
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_client_that_sends_its_whole_body_before_reading_is_not_deadlocked() {
     const SIZE: usize = 24 << 20;
@@ -571,9 +457,9 @@ async fn the_rest_of_a_body_still_reaches_an_upstream_that_answered_early() {
 
 #[tokio::test]
 async fn a_content_length_list_reaches_http2_clients_as_one_value() {
-    let up = Raw::start(|path| match path {
-        "/api/v1/list" => b"HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\nabc".to_vec(),
-        _ => OK.to_vec(),
+    let up = Raw::start(|seen| match seen.path() {
+        "/api/v1/list" => Reply::new(b"HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\nabc"),
+        _ => Reply::new(OK),
     })
     .await;
     let (gw, token) = gateway_for(up.addr, "", "").await;
@@ -612,11 +498,12 @@ async fn a_content_length_list_reaches_http2_clients_as_one_value() {
 
 #[tokio::test]
 async fn an_http10_answer_with_transfer_encoding_is_the_last_on_its_connection() {
-    let up = Raw::start(|path| match path {
-        "/api/v1/ten" => b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\n\
-              transfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
-            .to_vec(),
-        _ => OK.to_vec(),
+    let up = Raw::start(|seen| match seen.path() {
+        "/api/v1/ten" => Reply::new(
+            b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\n\
+              transfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        ),
+        _ => Reply::new(OK),
     })
     .await;
     let (gw, token) = gateway_for(up.addr, "", "").await;

@@ -3,96 +3,29 @@
 //! dropped early closes the upstream connection, and an upstream that stops reading is
 //! given up after `response_timeout` without progress. A second review of the codec
 //! found both broken (the task was detached and unbounded, holding the socket through
-//! its write half); the comment on each test says how it failed. Helpers are cut down
-//! from tests/upstream_edges.rs.
+//! its write half); the comment on each test says how it failed. Helpers shared with
+//! tests/upstream_edges.rs are in tests/common/wire.rs.
 
 mod common;
-use common::raw::{client_tls, server_name};
+use common::wire::{
+    content_length, find, gateway_for, read_head, small_buffer_client, tuned_listener, within,
+};
 use common::*;
 
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-fn head_values<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
-    head.split("\r\n")
-        .skip(1)
-        .filter_map(|line| line.split_once(':'))
-        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.trim())
-        .collect()
-}
-
-fn content_length(head: &str) -> usize {
-    head_values(head, "content-length")
-        .first()
-        .map_or(0, |v| v.parse().expect("a numeric Content-Length"))
-}
-
-/// Reads one request head (through its empty line) into a string; what follows stays
-/// in `buf`.
-async fn read_head<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> Option<String> {
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        if let Some(i) = find(buf, b"\r\n\r\n") {
-            let head = String::from_utf8(buf.drain(..i + 4).collect()).unwrap();
-            return Some(head);
-        }
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
-async fn gateway_for(up: SocketAddr, before: &str, routes: &str) -> (TestGateway, String) {
-    let text = config_text(up, before, routes);
-    let gw = TestGateway::start_text(Upstream::start().await, &text).await;
-    let token = gw.alex_token().await;
-    (gw, token)
-}
-
-async fn within<T>(secs: u64, future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), future)
-        .await
-        .unwrap_or_else(|_| panic!("not done within {secs} s"))
-}
-
-/// A TLS connection to the gateway with small socket buffers (so that megabytes, not
-/// tens of them, fill the path).
-async fn small_buffer_client(gw: &TestGateway) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(64 * 1024).unwrap();
-    socket.set_send_buffer_size(64 * 1024).unwrap();
-    let tcp = socket.connect(gw.addr).await.unwrap();
-    tokio_rustls::TlsConnector::from(client_tls(&[&gw.ca_pem], &[b"http/1.1"]))
-        .connect(server_name(), tcp)
-        .await
-        .unwrap()
-}
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 /// A listener whose accepted sockets have 4 KiB buffers, so an upstream that stops
 /// reading (or writing) fills the path after a few kilobytes on its side.
 fn small_buffer_listener() -> TcpListener {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.set_send_buffer_size(4096).unwrap();
-    socket
-        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    socket.listen(16).unwrap();
-    socket.set_nonblocking(true).unwrap();
-    TcpListener::from_std(socket.into()).unwrap()
+    tuned_listener(|socket| {
+        socket.set_recv_buffer_size(4096)?;
+        socket.set_send_buffer_size(4096)
+    })
 }
 
 /// Waits until `counter` has not moved for half a second (the path is full), at most

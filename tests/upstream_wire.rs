@@ -14,59 +14,10 @@
 
 mod common;
 use common::raw::{client_tls, parse_responses, tls_connect};
+use common::wire::{decode_chunked, find, gateway_for, within, Raw, Reply, OK};
 use common::*;
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Decodes a complete chunked body (RFC 9112 §7.1) at the start of `wire`: the data and
-/// how many bytes its encoding took, trailer section included; `None` while incomplete.
-/// Panics on anything that is not valid chunked coding: the gateway must never send it.
-fn decode_chunked(wire: &[u8]) -> Option<(Vec<u8>, usize)> {
-    let mut data = Vec::new();
-    let mut at = 0;
-    loop {
-        let line_end = at + find(&wire[at..], b"\r\n")?;
-        let line = std::str::from_utf8(&wire[at..line_end]).expect("chunk-size line is text");
-        // Extensions (and the whitespace RFC 9112 allows before them) are not the size.
-        let size_text = line.split(';').next().unwrap_or_default();
-        let size_text = size_text.trim_end_matches([' ', '\t']);
-        let size = usize::from_str_radix(size_text, 16)
-            .unwrap_or_else(|_| panic!("bad chunk-size line {line:?}"));
-        at = line_end + 2;
-        if size == 0 {
-            // The trailer section: field lines up to an empty one.
-            loop {
-                let end = at + find(&wire[at..], b"\r\n")?;
-                let empty = end == at;
-                at = end + 2;
-                if empty {
-                    return Some((data, at));
-                }
-            }
-        }
-        if wire.len() < at + size + 2 {
-            return None;
-        }
-        data.extend_from_slice(&wire[at..at + size]);
-        assert_eq!(
-            &wire[at + size..at + size + 2],
-            b"\r\n",
-            "chunk data ends in CRLF"
-        );
-        at += size + 2;
-    }
-}
 
 #[test]
 fn the_chunked_decoder_itself() {
@@ -81,234 +32,6 @@ fn the_chunked_decoder_itself() {
     }
 }
 
-/// One request as the raw upstream read it.
-#[derive(Clone, Debug)]
-struct Seen {
-    /// Which connection it came on: 1 for the first the upstream accepted, and so on.
-    conn: usize,
-    /// The head, byte for byte, up to and including its empty line.
-    head: String,
-    /// The body as framed on the wire (chunked coding left in place).
-    body: Vec<u8>,
-}
-
-impl Seen {
-    fn request_line(&self) -> &str {
-        self.head.split("\r\n").next().unwrap_or_default()
-    }
-
-    fn method(&self) -> &str {
-        self.request_line().split(' ').next().unwrap_or_default()
-    }
-
-    fn path(&self) -> &str {
-        self.request_line().split(' ').nth(1).unwrap_or_default()
-    }
-
-    /// Every value of header `name`, in order.
-    fn headers(&self, name: &str) -> Vec<&str> {
-        head_values(&self.head, name)
-    }
-}
-
-fn head_values<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
-    head.split("\r\n")
-        .skip(1)
-        .filter_map(|line| line.split_once(':'))
-        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.trim())
-        .collect()
-}
-
-/// What the raw upstream writes back to one request.
-struct Reply {
-    /// Written one after another, with `pause` between them.
-    pieces: Vec<Vec<u8>>,
-    pause: Duration,
-    /// Shut the connection down once written; otherwise read the next request.
-    close: bool,
-}
-
-impl Reply {
-    /// `bytes` in one write; the connection stays open.
-    fn new(bytes: impl AsRef<[u8]>) -> Reply {
-        Reply {
-            pieces: vec![bytes.as_ref().to_vec()],
-            pause: Duration::ZERO,
-            close: false,
-        }
-    }
-
-    /// Each piece its own write, a few milliseconds apart, so each reaches the gateway
-    /// in a read of its own.
-    fn pieces(pieces: &[&[u8]]) -> Reply {
-        Reply {
-            pieces: pieces.iter().map(|p| p.to_vec()).collect(),
-            pause: Duration::from_millis(5),
-            close: false,
-        }
-    }
-
-    /// The same bytes in writes of 1 to 3 bytes, a millisecond apart: every boundary
-    /// (status line, header lines, chunk-size lines, chunk data) falls between reads.
-    fn trickled(self) -> Reply {
-        let all = self.pieces.concat();
-        let mut pieces = Vec::new();
-        let mut at = 0;
-        for size in [1, 2, 3].into_iter().cycle() {
-            if at >= all.len() {
-                break;
-            }
-            let end = (at + size).min(all.len());
-            pieces.push(all[at..end].to_vec());
-            at = end;
-        }
-        Reply {
-            pieces,
-            pause: Duration::from_millis(1),
-            ..self
-        }
-    }
-
-    fn then_close(self) -> Reply {
-        Reply {
-            close: true,
-            ..self
-        }
-    }
-}
-
-type Answer = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
-
-/// A raw HTTP/1.1 upstream: reads each request (head, then the body its framing
-/// says), notes it, and writes what `answer` says. Counts connections opened.
-struct Raw {
-    addr: SocketAddr,
-    opened: Arc<AtomicUsize>,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    _task: Task,
-}
-
-impl Raw {
-    async fn start(answer: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Raw {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let answer: Answer = Arc::new(answer);
-        let opened = Arc::new(AtomicUsize::new(0));
-        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let (count, log) = (opened.clone(), seen.clone());
-        let task = accept_loop(listener, move |stream| {
-            let conn = count.fetch_add(1, Ordering::SeqCst) + 1;
-            serve_raw(stream, conn, answer.clone(), log.clone())
-        });
-        Raw {
-            addr,
-            opened,
-            seen,
-            _task: task,
-        }
-    }
-
-    fn opened(&self) -> usize {
-        self.opened.load(Ordering::SeqCst)
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    /// The last request read with `path`.
-    fn last(&self, path: &str) -> Seen {
-        self.seen()
-            .into_iter()
-            .rev()
-            .find(|s| s.path() == path)
-            .unwrap_or_else(|| panic!("no request for {path} reached the upstream"))
-    }
-}
-
-/// Reads into `buf` until `complete` finds a whole unit at its start, then takes that
-/// unit out; `None` when the connection ends first.
-async fn take_when(
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    complete: impl Fn(&[u8]) -> Option<usize>,
-) -> Option<Vec<u8>> {
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        if let Some(n) = complete(buf) {
-            return Some(buf.drain(..n).collect());
-        }
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
-async fn serve_raw(mut stream: TcpStream, conn: usize, answer: Answer, log: Arc<Mutex<Vec<Seen>>>) {
-    // Each write leaves at once: the splits the tests ask for reach the gateway.
-    let _ = stream.set_nodelay(true);
-    let mut buf = Vec::new();
-    loop {
-        let Some(head) = take_when(&mut stream, &mut buf, |b| {
-            find(b, b"\r\n\r\n").map(|i| i + 4)
-        })
-        .await
-        else {
-            return;
-        };
-        let head = String::from_utf8(head).expect("the request head is text");
-        let chunked = head_values(&head, "transfer-encoding")
-            .iter()
-            .any(|v| v.eq_ignore_ascii_case("chunked"));
-        let length = head_values(&head, "content-length")
-            .first()
-            .map(|v| v.parse::<usize>().expect("a numeric Content-Length"));
-        let body = if chunked {
-            take_when(&mut stream, &mut buf, |b| decode_chunked(b).map(|(_, n)| n)).await
-        } else if let Some(n) = length {
-            take_when(&mut stream, &mut buf, |b| (b.len() >= n).then_some(n)).await
-        } else {
-            Some(Vec::new())
-        };
-        let Some(body) = body else {
-            return;
-        };
-        let seen = Seen { conn, head, body };
-        let reply = answer(&seen);
-        log.lock().unwrap().push(seen);
-        for (i, piece) in reply.pieces.iter().enumerate() {
-            if i > 0 && !reply.pause.is_zero() {
-                tokio::time::sleep(reply.pause).await;
-            }
-            if stream.write_all(piece).await.is_err() {
-                return;
-            }
-        }
-        if reply.close {
-            let _ = stream.shutdown().await;
-            return;
-        }
-    }
-}
-
-/// A gateway whose `/api/v1/**` goes to `up`, and a token for alex.
-async fn gateway_for(up: &Raw) -> (TestGateway, String) {
-    let text = config_text(up.addr, "", "");
-    let gw = TestGateway::start_text(Upstream::start().await, &text).await;
-    let token = gw.alex_token().await;
-    (gw, token)
-}
-
-/// `future`, or a failed test after 10 s: a gateway waiting for bytes that never come
-/// fails here rather than at the client's 30 s timeout.
-async fn within<T>(future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(10), future)
-        .await
-        .expect("the gateway answered within 10 s")
-}
-
 /// `GET path` through `client` with alex's token; the status and the whole body.
 async fn get_text(
     gw: &TestGateway,
@@ -316,15 +39,13 @@ async fn get_text(
     token: &str,
     path: &str,
 ) -> (u16, String) {
-    within(async {
+    within(10, async {
         let response = gw.bearer_get(client, path, token).await;
         let status = response.status().as_u16();
         (status, response.text().await.unwrap())
     })
     .await
 }
-
-const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
 #[tokio::test]
 async fn a_chunked_answer_with_extensions_in_tiny_writes_arrives_whole_and_keeps_its_connection() {
@@ -340,7 +61,7 @@ async fn a_chunked_answer_with_extensions_in_tiny_writes_arrives_whole_and_keeps
         .trickled()
     })
     .await;
-    let (gw, token) = gateway_for(&up).await;
+    let (gw, token) = gateway_for(up.addr, "", "").await;
     for client in [&gw.http1, &gw.http2] {
         let (status, body) = get_text(&gw, client, &token, "/api/v1/chunks").await;
         assert_eq!(status, 200);
@@ -366,7 +87,7 @@ async fn trailers_end_a_chunked_answer_and_keep_its_connection() {
         }
     })
     .await;
-    let (gw, token) = gateway_for(&up).await;
+    let (gw, token) = gateway_for(up.addr, "", "").await;
     for (client, path) in [
         (&gw.http1, "/api/v1/t"),
         (&gw.http2, "/api/v1/t-slow"),
@@ -396,7 +117,7 @@ async fn a_content_length_body_in_several_writes_arrives_whole_and_keeps_its_con
         ])
     })
     .await;
-    let (gw, token) = gateway_for(&up).await;
+    let (gw, token) = gateway_for(up.addr, "", "").await;
     for client in [&gw.http1, &gw.http2] {
         let (status, body) = get_text(&gw, client, &token, "/api/v1/pieces").await;
         assert_eq!((status, body.as_str()), (200, "abcdefghijklmnopqrstuvwxyz"));
@@ -421,7 +142,7 @@ async fn an_answer_ended_by_closing_arrives_whole_and_its_connection_is_not_reus
         Reply::pieces(&[status_line, b"content-type: text/plain\r\n\r\n", a, b]).then_close()
     })
     .await;
-    let (gw, token) = gateway_for(&up).await;
+    let (gw, token) = gateway_for(up.addr, "", "").await;
     let mut expected_opened = 0;
     for path in ["/api/v1/eof/11", "/api/v1/eof/10"] {
         for client in [&gw.http1, &gw.http2] {
@@ -451,7 +172,7 @@ async fn a_connection_close_answer_is_the_last_on_its_connection() {
         _ => Reply::new(OK),
     })
     .await;
-    let (gw, token) = gateway_for(&up).await;
+    let (gw, token) = gateway_for(up.addr, "", "").await;
     let mut expected_opened = 1;
     for path in ["/api/v1/close", "/api/v1/says-close"] {
         for client in [&gw.http1, &gw.http2] {
@@ -495,14 +216,18 @@ async fn interim_answers_before_the_final_one_are_passed_over() {
         _ => Reply::new([INTERIM, FINAL].concat()).trickled(),
     })
     .await;
-    let (gw, token) = gateway_for(&up).await;
+    let (gw, token) = gateway_for(up.addr, "", "").await;
     for path in ["/api/v1/together", "/api/v1/apart", "/api/v1/trickled"] {
         for client in [&gw.http1, &gw.http2] {
-            let response = within(gw.bearer_get(client, path, &token)).await;
+            let response = within(10, gw.bearer_get(client, path, &token)).await;
             assert_eq!(response.status(), 200, "{path}");
             // The 103's fields belong to the 103 (RFC 9110 §15.2), not to the answer.
             assert!(response.headers().get("link").is_none(), "{path}");
-            assert_eq!(within(response.text()).await.unwrap(), "final", "{path}");
+            assert_eq!(
+                within(10, response.text()).await.unwrap(),
+                "final",
+                "{path}"
+            );
         }
     }
     // Interim answers do not end an exchange or its connection.
@@ -526,19 +251,20 @@ async fn bodiless_answers_are_complete_at_their_head_and_keep_their_connection()
         _ => Reply::new(OK),
     })
     .await;
-    let (gw, token) = gateway_for(&up).await;
+    let (gw, token) = gateway_for(up.addr, "", "").await;
     for client in [&gw.http1, &gw.http2, &gw.http1] {
-        let response = within(gw.bearer_get(client, "/api/v1/204", &token)).await;
+        let response = within(10, gw.bearer_get(client, "/api/v1/204", &token)).await;
         assert_eq!(response.status(), 204);
         assert_eq!(header(response.headers(), "x-answer"), Some("204"));
-        assert!(within(response.bytes()).await.unwrap().is_empty());
+        assert!(within(10, response.bytes()).await.unwrap().is_empty());
 
-        let response = within(gw.bearer_get(client, "/api/v1/304", &token)).await;
+        let response = within(10, gw.bearer_get(client, "/api/v1/304", &token)).await;
         assert_eq!(response.status(), 304);
         assert_eq!(header(response.headers(), "etag"), Some("\"v1\""));
-        assert!(within(response.bytes()).await.unwrap().is_empty());
+        assert!(within(10, response.bytes()).await.unwrap().is_empty());
 
         let response = within(
+            10,
             client
                 .head(gw.url("/api/v1/head"))
                 .bearer_auth(&token)
@@ -549,7 +275,7 @@ async fn bodiless_answers_are_complete_at_their_head_and_keep_their_connection()
         assert_eq!(response.status(), 200);
         // The length of what a GET would have answered, passed on.
         assert_eq!(header(response.headers(), "content-length"), Some("1000"));
-        assert!(within(response.bytes()).await.unwrap().is_empty());
+        assert!(within(10, response.bytes()).await.unwrap().is_empty());
 
         let (status, body) = get_text(&gw, client, &token, "/api/v1/ok").await;
         assert_eq!((status, body.as_str()), (200, "ok"));
@@ -609,11 +335,11 @@ async fn malformed_answers_are_502_and_the_gateway_keeps_working() {
         }
     })
     .await;
-    let (gw, token) = gateway_for(&up).await;
+    let (gw, token) = gateway_for(up.addr, "", "").await;
     for (name, _) in BAD {
         for client in [&gw.http1, &gw.http2] {
             let path = format!("/api/v1/bad/{name}");
-            let response = within(gw.bearer_get(client, &path, &token)).await;
+            let response = within(10, gw.bearer_get(client, &path, &token)).await;
             expect_error(response, 502, "bad_gateway").await;
             let (status, body) = get_text(&gw, client, &token, "/api/v1/ok").await;
             assert_eq!((status, body.as_str()), (200, "ok"), "after {name}");
@@ -633,7 +359,7 @@ async fn an_upstream_closing_before_its_head_is_complete_is_502() {
         _ => Reply::new(OK),
     })
     .await;
-    let (gw, token) = gateway_for(&up).await;
+    let (gw, token) = gateway_for(up.addr, "", "").await;
     for path in [
         "/api/v1/nothing",
         "/api/v1/half-status",
@@ -641,7 +367,7 @@ async fn an_upstream_closing_before_its_head_is_complete_is_502() {
         "/api/v1/no-empty-line",
     ] {
         for client in [&gw.http1, &gw.http2] {
-            let response = within(gw.bearer_get(client, path, &token)).await;
+            let response = within(10, gw.bearer_get(client, path, &token)).await;
             expect_error(response, 502, "bad_gateway").await;
             let (status, body) = get_text(&gw, client, &token, "/api/v1/ok").await;
             assert_eq!((status, body.as_str()), (200, "ok"), "after {path}");
@@ -669,8 +395,8 @@ async fn a_huge_answer_head_is_502() {
         _ => Reply::new(OK),
     })
     .await;
-    let (gw, token) = gateway_for(&up).await;
-    let response = within(gw.bearer_get(&gw.http1, "/api/v1/under", &token)).await;
+    let (gw, token) = gateway_for(up.addr, "", "").await;
+    let response = within(10, gw.bearer_get(&gw.http1, "/api/v1/under", &token)).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-huge"].len(), 60 << 10);
     for (client, path) in [
@@ -679,7 +405,7 @@ async fn a_huge_answer_head_is_502() {
         (&gw.http1, "/api/v1/huge"),
         (&gw.http2, "/api/v1/huge"),
     ] {
-        let response = within(gw.bearer_get(client, path, &token)).await;
+        let response = within(10, gw.bearer_get(client, path, &token)).await;
         expect_error(response, 502, "bad_gateway").await;
         let (status, body) = get_text(&gw, client, &token, "/api/v1/ok").await;
         assert_eq!((status, body.as_str()), (200, "ok"));
@@ -706,14 +432,14 @@ async fn a_body_cut_short_never_looks_complete() {
         _ => Reply::new(OK),
     })
     .await;
-    let (gw, token) = gateway_for(&up).await;
+    let (gw, token) = gateway_for(up.addr, "", "").await;
     for path in [
         "/api/v1/short-length",
         "/api/v1/bad-chunk",
         "/api/v1/no-last-chunk",
     ] {
         for client in [&gw.http1, &gw.http2] {
-            let outcome = within(async {
+            let outcome = within(10, async {
                 let response = client.get(gw.url(path)).bearer_auth(&token).send().await?;
                 let status = response.status().as_u16();
                 Ok::<_, reqwest::Error>((status, response.bytes().await))
@@ -753,16 +479,16 @@ async fn bytes_past_the_end_of_an_answer_never_answer_the_next_request() {
         _ => Reply::new(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nreal"),
     })
     .await;
-    let (gw, alex) = gateway_for(&up).await;
+    let (gw, alex) = gateway_for(up.addr, "", "").await;
     let admin = gw.access_token(ADMIN).await;
     for round in 0..10 {
         for first in ["/api/v1/first", "/api/v1/first-chunked"] {
             let (status, body) = get_text(&gw, &gw.http1, &alex, first).await;
             assert_eq!((status, body.as_str()), (200, "first"), "round {round}");
             let client = if round % 2 == 0 { &gw.http2 } else { &gw.http1 };
-            let response = within(gw.bearer_get(client, "/api/v1/second", &admin)).await;
+            let response = within(10, gw.bearer_get(client, "/api/v1/second", &admin)).await;
             let status = response.status().as_u16();
-            let body = within(response.bytes()).await;
+            let body = within(10, response.bytes()).await;
             match (status, &body) {
                 (200, Ok(body)) => assert_eq!(&body[..], b"real", "round {round} after {first}"),
                 // An error is fine; someone else's answer is not.
@@ -788,7 +514,7 @@ async fn bytes_past_the_end_of_an_answer_never_answer_the_next_request() {
 #[tokio::test]
 async fn what_the_upstream_receives_for_a_bodiless_get() {
     let up = Raw::start(|_| Reply::new(OK)).await;
-    let (gw, token) = gateway_for(&up).await;
+    let (gw, token) = gateway_for(up.addr, "", "").await;
     for (client, path) in [
         (&gw.http1, "/api/v1/get/h1?x=1"),
         (&gw.http2, "/api/v1/get/h2?x=1"),
@@ -813,10 +539,11 @@ async fn what_the_upstream_receives_for_a_bodiless_get() {
 #[tokio::test]
 async fn what_the_upstream_receives_for_a_body_of_known_length() {
     let up = Raw::start(|_| Reply::new(OK)).await;
-    let (gw, token) = gateway_for(&up).await;
+    let (gw, token) = gateway_for(up.addr, "", "").await;
     let data = pattern(100_000);
     for (client, path) in [(&gw.http1, "/api/v1/put/h1"), (&gw.http2, "/api/v1/put/h2")] {
         let response = within(
+            10,
             client
                 .post(gw.url(path))
                 .bearer_auth(&token)
@@ -842,7 +569,7 @@ async fn what_the_upstream_receives_for_a_body_of_known_length() {
 #[tokio::test]
 async fn what_the_upstream_receives_for_a_streamed_body() {
     let up = Raw::start(|_| Reply::new(OK)).await;
-    let (gw, token) = gateway_for(&up).await;
+    let (gw, token) = gateway_for(up.addr, "", "").await;
     for (client, path) in [
         (&gw.http1, "/api/v1/stream/h1"),
         (&gw.http2, "/api/v1/stream/h2"),
@@ -850,6 +577,7 @@ async fn what_the_upstream_receives_for_a_streamed_body() {
         // No length known in advance: chunked from the HTTP/1.1 client, DATA frames
         // without content-length from the HTTP/2 one.
         let response = within(
+            10,
             client
                 .post(gw.url(path))
                 .bearer_auth(&token)
@@ -884,7 +612,7 @@ async fn an_empty_post_reaches_the_upstream_framed_as_bodiless() {
     let up =
         Raw::start(|_| Reply::new(b"HTTP/1.1 201 Created\r\ncontent-length: 7\r\n\r\ncreated"))
             .await;
-    let (gw, token) = gateway_for(&up).await;
+    let (gw, token) = gateway_for(up.addr, "", "").await;
     // What each client sends and what reaches the upstream today: the client's own
     // `content-length: 0` is passed on (reqwest's HTTP/2 side sends one, its HTTP/1.1
     // side sends no framing at all for an empty body), and nothing is added where the
@@ -896,9 +624,9 @@ async fn an_empty_post_reaches_the_upstream_framed_as_bodiless() {
             if let Some(body) = body {
                 request = request.body(body);
             }
-            let response = within(request.send()).await.unwrap();
+            let response = within(10, request.send()).await.unwrap();
             assert_eq!(response.status(), 201, "{path}");
-            assert_eq!(within(response.text()).await.unwrap(), "created");
+            assert_eq!(within(10, response.text()).await.unwrap(), "created");
             let seen = up.last(&path);
             assert_eq!(seen.request_line(), format!("POST {path} HTTP/1.1"));
             assert!(
@@ -926,7 +654,7 @@ async fn an_empty_post_reaches_the_upstream_framed_as_bodiless() {
     );
     tls.write_all(wire.as_bytes()).await.unwrap();
     let mut received = Vec::new();
-    within(tls.read_to_end(&mut received)).await.unwrap();
+    within(10, tls.read_to_end(&mut received)).await.unwrap();
     let responses = parse_responses(&received);
     assert_eq!(responses.len(), 1, "{}", String::from_utf8_lossy(&received));
     assert_eq!(

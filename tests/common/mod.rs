@@ -7,6 +7,7 @@
 
 pub mod process;
 pub mod raw;
+pub mod wire;
 
 use std::convert::Infallible;
 use std::future::Future;
