@@ -1318,4 +1318,92 @@ mod tests {
             0xfff_ffff_ffff_ffff
         );
     }
+
+    /// A small deterministic generator (xorshift64*): the same inputs every run.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// Runs a body decoder over all of `wire` as the response body would, returning
+    /// how many bytes of data it produced; errors are fine, panics and loops are not.
+    fn drain_body(wire: &[u8], framing: Framing) -> usize {
+        let mut buf = BytesMut::from(wire);
+        let mut produced = 0;
+        let mut state = match framing {
+            Framing::Chunked(state) => state,
+            _ => return 0,
+        };
+        // Each step consumes input or ends; more steps than bytes would be a loop.
+        for _ in 0..=wire.len() + 2 {
+            match decode_chunk(&mut buf, state) {
+                Ok(Step::Data(data, next)) => {
+                    assert!(!data.is_empty());
+                    produced += data.len();
+                    state = next;
+                }
+                Ok(Step::Next(next)) => state = next,
+                Ok(Step::End(_)) | Ok(Step::More(_)) | Err(_) => return produced,
+            }
+        }
+        panic!("the chunked decoder did not progress on {wire:?}");
+    }
+
+    #[test]
+    fn no_upstream_bytes_panic_the_parsers() {
+        let seeds: [&[u8]; 6] = [
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-type: a/b\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n\
+              5;x=y\r\nhello\r\n0\r\nx-sum: 1\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nconnection: keep-alive, x-a\r\nx-a: 1\r\ncontent-length: 3, 3\r\n\r\nabc",
+            b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n\
+              a\r\n0123456789\r\n0\r\n\r\n",
+        ];
+        let alphabet = b":;, \t\r\n0123456789abcdefABCDEF-\x00\x7f\xff";
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut heads = 0;
+        for round in 0..60_000 {
+            let mut wire = seeds[round % seeds.len()].to_vec();
+            for _ in 0..1 + rng.below(4) {
+                let at = rng.below(wire.len() + 1);
+                match rng.below(5) {
+                    0 if at < wire.len() => wire[at] = alphabet[rng.below(alphabet.len())],
+                    1 => wire.insert(at, alphabet[rng.below(alphabet.len())]),
+                    2 if at < wire.len() => {
+                        wire.remove(at);
+                    }
+                    3 => wire.truncate(at),
+                    _ => {
+                        let end = (at + rng.below(8)).min(wire.len());
+                        let copy = wire[at..end].to_vec();
+                        wire.splice(at..at, copy);
+                    }
+                }
+            }
+            for method in [Method::GET, Method::HEAD] {
+                let mut buf = BytesMut::from(&wire[..]);
+                if let Ok(Some(head)) = parse_head(&mut buf, &method) {
+                    heads += 1;
+                    // What is left is the body (or the next head): never more than came.
+                    assert!(buf.len() < wire.len());
+                    let produced = drain_body(&buf, head.framing);
+                    assert!(produced <= buf.len());
+                }
+            }
+        }
+        // The mutations leave many heads valid: the body decoders were reached.
+        assert!(heads > 10_000, "{heads}");
+    }
 }
