@@ -10,7 +10,6 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
@@ -28,7 +27,7 @@ use crate::error::Error;
 use crate::pool::{SendError, Upgrade};
 use crate::routes::{Route, Target};
 use crate::token::Identity;
-use crate::upstream::{BoxError, Connector, ResponseBody, WireError};
+use crate::upstream::{BoxError, ResponseBody, WireError};
 
 /// TLS settings for `https://` upstreams: the roots of `ca_file`, else the system's.
 /// `needed` is false when no route uses https, so a machine without a CA bundle can
@@ -64,12 +63,6 @@ pub fn upstream_tls(ca_file: Option<&Path>, needed: bool) -> Result<rustls::Clie
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth())
-}
-
-/// Builds the upstream connector (TCP, and TLS for `https://`) with the given connect
-/// deadline.
-pub fn connector(tls: rustls::ClientConfig, connect_timeout: Duration) -> Connector {
-    Connector::new(tls, connect_timeout)
 }
 
 /// The body the gateway forwards: the client's, streamed, cut off past a route's

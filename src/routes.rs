@@ -419,7 +419,7 @@ impl RouteTable {
                             let connector = connectors
                                 .entry(connect_timeout)
                                 .or_insert_with(|| {
-                                    crate::proxy::connector(tls.clone(), connect_timeout)
+                                    crate::upstream::Connector::new(tls.clone(), connect_timeout)
                                 })
                                 .clone();
                             Pool::new(

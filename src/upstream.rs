@@ -462,8 +462,6 @@ fn encode_request(
 pub struct Head {
     /// The status.
     pub status: StatusCode,
-    /// The upstream's HTTP version.
-    pub version: Version,
     /// End-to-end headers: the hop-by-hop ones, and those `Connection` names, are gone.
     pub headers: HeaderMap,
     /// The `Upgrade` header, kept apart for a 101.
@@ -625,7 +623,6 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireE
     }
     Ok(Some(Head {
         status,
-        version,
         headers,
         upgrade,
         framing,
