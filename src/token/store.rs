@@ -48,32 +48,52 @@ fn new_token() -> Result<String, getrandom::Error> {
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
 }
 
-/// Who an access token speaks for, with the upstream headers built once at issue time so
-/// the per-request path only clones reference-counted values.
+/// Who tokens speak for: a user (or none, for a client's own token), a client and the
+/// user's roles, with their upstream headers built once. One is shared by every token
+/// of the same user, client and roles, so a live token does not carry copies of them.
 #[derive(Debug)]
-pub struct Identity {
+pub struct Principal {
     /// The user; `None` for a client-credentials token.
     pub username: Option<Arc<str>>,
     /// The client the token was issued to.
     pub client_id: Arc<str>,
-    /// The user's roles (shared by every token of the same role set).
+    /// The user's roles.
     pub roles: RoleSet,
-    /// This token record's public id.
-    pub jti: Uuid,
-    /// When the token was issued, ms since the epoch.
-    pub issued_at: u64,
-    /// When the token expires, ms since the epoch.
-    pub expires_at: u64,
     /// `X-Authenticated-User`, when there is a user.
     pub user_header: Option<HeaderValue>,
     /// `X-Authenticated-Client`.
     pub client_header: HeaderValue,
     /// `X-Authenticated-Roles`: comma-separated.
     pub roles_header: HeaderValue,
+}
+
+/// What an access token grants: its principal, and what is its own (id, times, scope),
+/// with the upstream headers built once at issue time so the per-request path only
+/// clones reference-counted values.
+#[derive(Debug)]
+pub struct Identity {
+    /// Who the token speaks for (shared).
+    pub principal: Arc<Principal>,
+    /// This token record's public id.
+    pub jti: Uuid,
+    /// When the token was issued, ms since the epoch.
+    pub issued_at: u64,
+    /// When the token expires, ms since the epoch.
+    pub expires_at: u64,
     /// `X-Authenticated-Scope`; also where the granted scope is kept.
     pub scope_header: HeaderValue,
     /// `X-Token-Id`.
     pub jti_header: HeaderValue,
+}
+
+/// An identity reads as its principal too (`identity.username`), as the two were one
+/// struct before the principal was shared.
+impl std::ops::Deref for Identity {
+    type Target = Principal;
+
+    fn deref(&self) -> &Principal {
+        &self.principal
+    }
 }
 
 impl Identity {
@@ -86,22 +106,11 @@ impl Identity {
         jti: Uuid,
         (issued_at, expires_at): (u64, u64),
     ) -> Identity {
-        let (username, user_header) = match username.map(|u| interned.text(u)) {
-            Some((name, header)) => (Some(name), Some(header)),
-            None => (None, None),
-        };
-        let (client_id, client_header) = interned.text(client_id);
-        let (roles, roles_header) = interned.roles(roles);
         Identity {
-            username,
-            client_id,
-            roles,
+            principal: interned.principal(username, client_id, roles),
             jti,
             issued_at,
             expires_at,
-            user_header,
-            client_header,
-            roles_header,
             scope_header: header(scope),
             jti_header: header(&jti.to_string()),
         }
@@ -252,10 +261,13 @@ pub struct Introspection {
 struct Interner {
     texts: DashMap<Box<str>, (Arc<str>, HeaderValue)>,
     roles: DashMap<Box<str>, (RoleSet, HeaderValue)>,
+    /// Keyed by where the interned user, client and role set live: interned values are
+    /// never dropped, so their addresses name them (0 for no user).
+    principals: DashMap<(usize, usize, usize), Arc<Principal>>,
 }
 
 /// A user's roles, shared by every token of the same role set.
-type RoleSet = Arc<[Box<str>]>;
+pub type RoleSet = Arc<[Box<str>]>;
 
 impl Interner {
     fn text(&self, text: &str) -> (Arc<str>, HeaderValue) {
@@ -264,6 +276,39 @@ impl Interner {
         }
         let value = (Arc::from(text), header(text));
         self.texts.entry(text.into()).or_insert(value).clone()
+    }
+
+    fn principal(
+        &self,
+        username: Option<&str>,
+        client_id: &str,
+        roles: &[String],
+    ) -> Arc<Principal> {
+        let (username, user_header) = match username.map(|u| self.text(u)) {
+            Some((name, header)) => (Some(name), Some(header)),
+            None => (None, None),
+        };
+        let (client_id, client_header) = self.text(client_id);
+        let (roles, roles_header) = self.roles(roles);
+        let key = (
+            username
+                .as_ref()
+                .map_or(0, |u| Arc::as_ptr(u).cast::<u8>() as usize),
+            Arc::as_ptr(&client_id).cast::<u8>() as usize,
+            Arc::as_ptr(&roles).cast::<Box<str>>() as usize,
+        );
+        if let Some(found) = self.principals.get(&key) {
+            return found.clone();
+        }
+        let principal = Arc::new(Principal {
+            username,
+            client_id,
+            roles,
+            user_header,
+            client_header,
+            roles_header,
+        });
+        self.principals.entry(key).or_insert(principal).clone()
     }
 
     fn roles(&self, roles: &[String]) -> (RoleSet, HeaderValue) {
