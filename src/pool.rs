@@ -127,11 +127,14 @@ impl Pool {
         let timeout = self.idle_timeout;
         let stale: Vec<Idle> = match self.idle.lock() {
             Ok(mut idle) => {
-                let (keep, stale) = std::mem::take(&mut *idle)
-                    .into_iter()
-                    .partition(|c| c.since.elapsed() < timeout);
-                *idle = keep;
-                idle.retain_mut(|c| c.conn.is_reusable());
+                let mut stale = Vec::new();
+                for mut c in std::mem::take(&mut *idle) {
+                    if c.since.elapsed() < timeout && c.conn.is_reusable() {
+                        idle.push(c);
+                    } else {
+                        stale.push(c);
+                    }
+                }
                 stale
             }
             Err(_) => Vec::new(),

@@ -159,8 +159,10 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Whether a client's request header stops at the gateway: hop-by-hop headers, copies
 /// of the gateway's own identity and `X-Forwarded-*` headers (and `Forwarded`, which
 /// would contradict them), `Host` (the upstream gets its own authority; the client's is
-/// in `X-Forwarded-Host`), `Expect` (the gateway answered it already) and, unless the
-/// route forwards it, `Authorization`.
+/// in `X-Forwarded-Host`), `Expect` (hyper answers a 100-continue when the body is
+/// first read, which the gateway does right after writing the upstream head; the
+/// upstream's own 100 would only be skipped) and, unless the route forwards it,
+/// `Authorization`.
 fn is_dropped_request_header(name: &HeaderName, forward_authorization: bool) -> bool {
     match name.as_str() {
         "x-authenticated-user"
@@ -269,12 +271,12 @@ impl<'a> HeaderRewrite<'a> {
         } else {
             None
         };
+        // On the bytes: one non-ASCII byte must not hide the names beside it.
         let connection_named = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
             .collect();
         HeaderRewrite {
             forward_authorization: route.forward_authorization,
@@ -439,9 +441,14 @@ fn upgrade_requested<B>(request: &Request<B>) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    // WebSocket only. After a 101 the connection is a tunnel no request on it is checked
+    // in; an `h2c` upgrade would let the client send the upstream any HTTP/2 request,
+    // with any path and identity headers ("h2c smuggling"). Other upgrades go on as
+    // plain requests, their Upgrade header dropped like any hop-by-hop header.
     connection_upgrade
         .then(|| request.headers().get(header::UPGRADE).cloned())
         .flatten()
+        .filter(|protocol| protocol.as_bytes().eq_ignore_ascii_case(b"websocket"))
 }
 
 fn too_large(limit: u64) -> Error {
@@ -488,8 +495,6 @@ pub async fn forward(
     let original = parts.uri.path_and_query();
     let mut forwarded = Request::new(RequestBody::new(incoming, route.max_request_body));
     *forwarded.method_mut() = parts.method;
-    // Upstreams are spoken to over HTTP/1.1 whatever the client used.
-    *forwarded.version_mut() = Version::HTTP_11;
     *forwarded.headers_mut() = parts.headers;
 
     let deadline = tokio::time::Instant::now() + route.response_timeout;

@@ -353,12 +353,10 @@ impl Upload {
                         self.promised -= len;
                         self.out.push(data);
                     }
-                    Err(frame) => {
-                        if let (true, Ok(trailers)) = (self.chunked, frame.into_trailers()) {
-                            self.body = None;
-                            self.out.push(encode_trailers(&trailers));
-                        }
-                    }
+                    // The client's trailers stay behind, as with hyper's client (which
+                    // sent only fields a hop-by-hop `Trailer` header declared): they
+                    // would carry the gateway's own identity headers past the rewrite.
+                    Err(_) => {}
                 },
                 Poll::Ready(None) => {
                     self.body = None;
@@ -410,16 +408,6 @@ impl Upload {
         let _ = tokio::time::timeout(stall, write.shutdown()).await;
         None
     }
-}
-
-fn encode_trailers(trailers: &HeaderMap) -> Bytes {
-    let mut out = BytesMut::with_capacity(64);
-    out.extend_from_slice(b"0\r\n");
-    for (name, value) in trailers {
-        put_header(&mut out, name, value);
-    }
-    out.extend_from_slice(b"\r\n");
-    out.freeze()
 }
 
 /// Writes the head of a request for the upstream: the request line, `host`, the
@@ -694,8 +682,9 @@ pub struct Failed {
 }
 
 impl Exchange {
-    /// Starts sending `request` (origin-form target, the client's headers) on `conn`,
-    /// with `host` as its Host and `rewrite` applied to its headers.
+    /// Encodes `request` (origin-form target, the client's headers) for `conn`, with
+    /// `host` as its Host and `rewrite` applied to its headers; it is written by
+    /// [`Exchange::response`].
     pub fn new(
         conn: Conn,
         request: http::Request<RequestBody>,

@@ -1,5 +1,6 @@
 //! The gateway's HTTP/1.1 towards an upstream that speaks raw bytes, pinned so that a
-//! codec of the gateway's own can be checked against what hyper's client does today.
+//! codec of the gateway's own could be checked against hyper's client (it was written
+//! against hyper's client, which the codec replaced).
 //!
 //! Responses: chunked bodies (with chunk extensions, trailers, any split into reads),
 //! Content-Length bodies in pieces, bodies ended by closing the connection, `Connection:
@@ -13,7 +14,7 @@
 //! bodiless, fixed-length, streamed and empty requests from HTTP/1.1 and HTTP/2 clients.
 
 mod common;
-use common::raw::{client_tls, parse_responses, tls_connect};
+use common::raw::{client_tls, parse_responses, tls_connect, RawResponse};
 use common::wire::{decode_chunked, find, gateway_for, within, Raw, Reply, OK};
 use common::*;
 
@@ -525,7 +526,7 @@ async fn what_the_upstream_receives_for_a_bodiless_get() {
         assert_eq!(seen.request_line(), format!("GET {path} HTTP/1.1"));
         // The upstream's own authority, once, whatever the client addressed.
         assert_eq!(seen.headers("host"), [up.addr.to_string()], "{}", seen.head);
-        // No framing at all says no body (RFC 9112 §6.3): hyper sends neither header.
+        // No framing at all says no body (RFC 9112 §6.3): the gateway sends neither header.
         assert!(
             seen.headers("transfer-encoding").is_empty(),
             "{}",
@@ -671,4 +672,93 @@ async fn an_empty_post_reaches_the_upstream_framed_as_bodiless() {
 
     // Bodiless requests leave nothing behind on the connection: one served them all.
     assert_eq!(up.opened(), 1);
+}
+
+/// Writes `wire` to the gateway over TLS (HTTP/1.1) and reads until it closes.
+async fn raw_exchange(gw: &TestGateway, wire: &str) -> Vec<RawResponse> {
+    let mut tls = tls_connect(gw.addr, client_tls(&[&gw.ca_pem], &[b"http/1.1"])).await;
+    tls.write_all(wire.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut received = Vec::new();
+    let _ = within(10, tls.read_to_end(&mut received)).await;
+    parse_responses(&received)
+}
+
+#[tokio::test]
+async fn a_clients_request_trailers_stay_behind() {
+    // Trailers would carry the gateway's own identity headers past the header rewrite
+    // to any upstream that merges trailers into headers.
+    let up = Raw::start(|_| Reply::new(OK)).await;
+    let (gw, token) = gateway_for(up.addr, "", "").await;
+    let host = format!("127.0.0.1:{}", gw.addr.port());
+    let responses = raw_exchange(
+        &gw,
+        &format!(
+            "POST /api/v1/trailers HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
+             Transfer-Encoding: chunked\r\nTrailer: x-authenticated-user\r\n\
+             Connection: close\r\n\r\n\
+             5\r\nhello\r\n0\r\nx-authenticated-user: admin@example.com\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(responses.len(), 1);
+    assert_eq!(responses[0].status, 200);
+    let seen = up.last("/api/v1/trailers");
+    assert_eq!(seen.headers("transfer-encoding"), ["chunked"]);
+    assert_eq!(
+        seen.body,
+        b"5\r\nhello\r\n0\r\n\r\n",
+        "{:?}",
+        String::from_utf8_lossy(&seen.body)
+    );
+    assert!(seen.headers("trailer").is_empty(), "{}", seen.head);
+}
+
+#[tokio::test]
+async fn only_websocket_upgrades_are_forwarded() {
+    // After a 101 the connection is a tunnel in which no request is checked: an `h2c`
+    // upgrade would let the client send the upstream any HTTP/2 request with any path
+    // and identity headers. The upstream here would switch to anything it is asked to.
+    let up = Raw::start(|seen| {
+        if seen.headers("upgrade").is_empty() {
+            Reply::new(OK)
+        } else {
+            Reply::new(
+                b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n",
+            )
+        }
+    })
+    .await;
+    let (gw, token) = gateway_for(up.addr, "", "").await;
+    let host = format!("127.0.0.1:{}", gw.addr.port());
+    for protocol in ["h2c", "H2C", "spdy/3", "websocket-but-not"] {
+        let responses = raw_exchange(
+            &gw,
+            &format!(
+                "GET /api/v1/switch HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
+                 Connection: Upgrade, HTTP2-Settings, close\r\nUpgrade: {protocol}\r\n\
+                 HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(responses.len(), 1, "{protocol}");
+        assert_eq!(responses[0].status, 200, "{protocol}: an ordinary answer");
+        assert!(responses[0].header("upgrade").is_none(), "{protocol}");
+        let seen = up.last("/api/v1/switch");
+        assert!(
+            seen.headers("upgrade").is_empty(),
+            "{protocol}: {}",
+            seen.head
+        );
+        assert!(
+            seen.headers("http2-settings").is_empty(),
+            "{protocol}: {}",
+            seen.head
+        );
+        assert!(
+            seen.headers("connection").is_empty(),
+            "{protocol}: {}",
+            seen.head
+        );
+    }
 }

@@ -261,8 +261,9 @@ pub struct Introspection {
 struct Interner {
     texts: DashMap<Box<str>, (Arc<str>, HeaderValue)>,
     roles: DashMap<Box<str>, (RoleSet, HeaderValue)>,
-    /// Keyed by where the interned user, client and role set live: interned values are
-    /// never dropped, so their addresses name them (0 for no user).
+    /// Keyed by the addresses of the interned user, client and role set (0 for no user):
+    /// each principal holds those three, so while it is in the map (for ever) no other
+    /// value can have their addresses.
     principals: DashMap<(usize, usize, usize), Arc<Principal>>,
 }
 
