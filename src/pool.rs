@@ -110,9 +110,6 @@ impl Pool {
         let mut response = Response::new(body);
         *response.status_mut() = head.status;
         *response.headers_mut() = head.headers;
-        if let Some(protocol) = head.upgrade {
-            response.extensions_mut().insert(Upgrade(protocol));
-        }
         Ok(response)
     }
 
@@ -171,8 +168,3 @@ impl Pool {
         drop(stale);
     }
 }
-
-/// The upstream's `Upgrade` header on a 101 answer (hop-by-hop, so not among the
-/// response's headers).
-#[derive(Clone)]
-pub struct Upgrade(pub HeaderValue);

@@ -24,10 +24,10 @@ use tokio::io::AsyncWriteExt;
 
 use crate::body::{self, Body};
 use crate::error::Error;
-use crate::pool::{SendError, Upgrade};
+use crate::pool::SendError;
 use crate::routes::{Route, Target};
 use crate::token::Identity;
-use crate::upstream::{BoxError, ResponseBody, WireError};
+use crate::upstream::{is_hop_by_hop, BoxError, ResponseBody, WireError};
 
 /// TLS settings for `https://` upstreams: the roots of `ca_file`, else the system's.
 /// `needed` is false when no route uses https, so a machine without a CA bundle can
@@ -140,22 +140,6 @@ static X_TOKEN_ID: HeaderName = HeaderName::from_static("x-token-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and the proxy-only ones.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authorization"
-            | "proxy-authenticate"
-    )
-}
-
 /// Whether a client's request header stops at the gateway: hop-by-hop headers, copies
 /// of the gateway's own identity and `X-Forwarded-*` headers (and `Forwarded`, which
 /// would contradict them), `Host` (the upstream gets its own authority; the client's is
@@ -177,7 +161,7 @@ fn is_dropped_request_header(name: &HeaderName, forward_authorization: bool) -> 
         | "host"
         | "expect" => true,
         "authorization" => !forward_authorization,
-        _ => is_hop_by_hop(name),
+        _ => is_hop_by_hop(name.as_str().as_bytes()),
     }
 }
 
@@ -429,18 +413,14 @@ async fn send(
     }
 }
 
-/// Whether an HTTP/1.1 request asks to switch protocols (WebSocket and the like).
-fn upgrade_requested<B>(request: &Request<B>) -> Option<HeaderValue> {
+/// The protocol an HTTP/1.1 request asks to switch to, when it is WebSocket:
+/// `Connection: upgrade` (among the names `rewrite` found there) and
+/// `Upgrade: websocket`.
+fn upgrade_requested<B>(request: &Request<B>, rewrite: &HeaderRewrite<'_>) -> Option<HeaderValue> {
     if request.version() != Version::HTTP_11 {
         return None;
     }
-    let connection_upgrade = request
-        .headers()
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    let connection_upgrade = rewrite.connection_named.contains(&header::UPGRADE);
     // WebSocket only. After a 101 the connection is a tunnel no request on it is checked
     // in; an `h2c` upgrade would let the client send the upstream any HTTP/2 request,
     // with any path and identity headers ("h2c smuggling"). Other upgrades go on as
@@ -484,14 +464,14 @@ pub async fn forward(
             return Err(too_large(limit));
         }
     }
-    let upgrade = upgrade_requested(&request);
+    let mut rewrite = HeaderRewrite::new(request.headers(), original_host, identity, route, origin);
+    let upgrade = upgrade_requested(&request, &rewrite);
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
+    if let Some(protocol) = &upgrade {
+        rewrite.upgrade(protocol.clone());
+    }
     let (parts, incoming) = request.into_parts();
     let path = route.rewrite(path);
-    let mut rewrite = HeaderRewrite::new(&parts.headers, original_host, identity, route, origin);
-    if let Some(protocol) = upgrade {
-        rewrite.upgrade(protocol);
-    }
     let original = parts.uri.path_and_query();
     let mut forwarded = Request::new(RequestBody::new(incoming, route.max_request_body));
     *forwarded.method_mut() = parts.method;
@@ -535,7 +515,7 @@ pub async fn forward(
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         // The wire layer accepts a 101 only for a request that asked to upgrade.
-        let Some(client_upgrade) = client_upgrade else {
+        let (Some(client_upgrade), Some(protocol)) = (client_upgrade, upgrade) else {
             return Err(Error::BadGateway(
                 "the upstream switched protocols unasked".into(),
             ));
@@ -560,13 +540,11 @@ pub async fn forward(
                 Err(error) => tracing::debug!(%error, "protocol switch failed"),
             }
         });
-        let protocol = parts.extensions.remove::<Upgrade>();
+        // Only `websocket` is asked for, so only it can have been switched to.
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        if let Some(Upgrade(protocol)) = protocol {
-            parts.headers.insert(header::UPGRADE, protocol);
-        }
+        parts.headers.insert(header::UPGRADE, protocol);
         return Ok(Response::from_parts(parts, body::empty()));
     }
 

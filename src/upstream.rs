@@ -253,7 +253,13 @@ struct Upload {
 }
 
 impl Upload {
-    fn new(head: Bytes, body: Option<RequestBody>, chunked: bool, promised: u64) -> Upload {
+    /// The upload of `head` and then `body`, framed as `framing` says.
+    fn new(head: Bytes, body: Option<RequestBody>, framing: Framing) -> Upload {
+        let (body, chunked, promised) = match framing {
+            Framing::Length(n) => (body, false, n),
+            Framing::Chunked(_) => (body, true, 0),
+            Framing::Done | Framing::Eof => (None, false, 0),
+        };
         Upload {
             out: vec![head],
             body,
@@ -335,29 +341,10 @@ impl Upload {
                     self.body = None;
                     return Poll::Ready(Err(WireError::Body(e)));
                 }
-                Poll::Ready(Some(Ok(frame))) => match (self.moves += 1, frame.into_data()).1 {
-                    Ok(data) if data.is_empty() => {}
-                    Ok(data) if self.chunked => {
-                        self.out.push(Bytes::from(format!("{:x}\r\n", data.len())));
-                        self.out.push(data);
-                        self.out.push(Bytes::from_static(b"\r\n"));
-                    }
-                    Ok(data) => {
-                        let len = data.len() as u64;
-                        if len > self.promised {
-                            self.body = None;
-                            return Poll::Ready(Err(WireError::Body(
-                                "the request body is longer than its Content-Length".into(),
-                            )));
-                        }
-                        self.promised -= len;
-                        self.out.push(data);
-                    }
-                    // The client's trailers stay behind, as with hyper's client (which
-                    // sent only fields a hop-by-hop `Trailer` header declared): they
-                    // would carry the gateway's own identity headers past the rewrite.
-                    Err(_) => {}
-                },
+                Poll::Ready(Some(Ok(frame))) => {
+                    self.moves += 1;
+                    self.take_frame(frame)?;
+                }
                 Poll::Ready(None) => {
                     self.body = None;
                     if self.chunked {
@@ -371,9 +358,35 @@ impl Upload {
             }
         }
     }
-}
 
-impl Upload {
+    /// Queues a frame of the client's body, framed for the upstream.
+    fn take_frame(&mut self, frame: Frame<Bytes>) -> Result<(), WireError> {
+        match frame.into_data() {
+            Ok(data) if data.is_empty() => {}
+            Ok(data) if self.chunked => {
+                self.out.push(Bytes::from(format!("{:x}\r\n", data.len())));
+                self.out.push(data);
+                self.out.push(Bytes::from_static(b"\r\n"));
+            }
+            Ok(data) => {
+                let len = data.len() as u64;
+                if len > self.promised {
+                    self.body = None;
+                    return Err(WireError::Body(
+                        "the request body is longer than its Content-Length".into(),
+                    ));
+                }
+                self.promised -= len;
+                self.out.push(data);
+            }
+            // The client's trailers stay behind, as with hyper's client (which sent
+            // only fields a hop-by-hop `Trailer` header declared): they would carry the
+            // gateway's own identity headers past the rewrite.
+            Err(_) => {}
+        }
+        Ok(())
+    }
+
     /// Finishes the upload in a task of its own, once the upstream has answered before
     /// having all of the request: from the response body, it would move only while the
     /// client reads, and a client that sends all before reading would wait for ever.
@@ -452,14 +465,13 @@ pub struct Head {
     pub status: StatusCode,
     /// End-to-end headers: the hop-by-hop ones, and those `Connection` names, are gone.
     pub headers: HeaderMap,
-    /// The `Upgrade` header, kept apart for a 101.
-    pub upgrade: Option<HeaderValue>,
     framing: Framing,
     keep_alive: bool,
 }
 
-/// Whether a header is hop-by-hop (RFC 9110 §7.6.1) or for proxies only.
-fn is_hop_by_hop(name: &[u8]) -> bool {
+/// Whether a header is hop-by-hop (RFC 9110 §7.6.1) or for proxies only: one list for
+/// requests and responses.
+pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
     // Every name here is 2 to 19 bytes long; most response headers are not one.
     matches!(name.len(), 2 | 7 | 10 | 16 | 17 | 18 | 19)
         && [
@@ -533,7 +545,6 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireE
     let mut close = false;
     // HTTP/1.0 connections close after each response unless they say otherwise.
     let mut keep_alive_asked = false;
-    let mut upgrade = None;
     let mut named_by_connection: Vec<HeaderName> = Vec::new();
     for &[name_start, name_end, value_start, value_end] in &lines[..count] {
         let value_at = value_start as usize..value_end as usize;
@@ -564,8 +575,6 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireE
                         named_by_connection.push(named);
                     }
                 }
-            } else if name.eq_ignore_ascii_case(b"upgrade") {
-                upgrade = HeaderValue::from_maybe_shared(bytes.slice(value_at.clone())).ok();
             }
             continue;
         }
@@ -612,7 +621,6 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireE
     Ok(Some(Head {
         status,
         headers,
-        upgrade,
         framing,
         keep_alive: !close,
     }))
@@ -693,15 +701,11 @@ impl Exchange {
     ) -> Exchange {
         let (parts, body) = request.into_parts();
         let (head, framing) = encode_request(&parts, host, rewrite, &body);
-        let (body, chunked, promised) = match framing {
-            Framing::Done => (None, false, 0),
-            Framing::Length(n) => (Some(body), false, n),
-            _ => (Some(body), true, 0),
-        };
-        let replayable = (body.is_none() && parts.method.is_idempotent()).then(|| head.clone());
+        let bodiless = framing == Framing::Done;
+        let replayable = (bodiless && parts.method.is_idempotent()).then(|| head.clone());
         Exchange {
             conn,
-            upload: Upload::new(head, body, chunked, promised),
+            upload: Upload::new(head, Some(body), framing),
             method: parts.method,
             upgrade: rewrite.upgrades(),
             replayable,
@@ -713,7 +717,7 @@ impl Exchange {
     pub fn replay(conn: Conn, replay: Replay) -> Exchange {
         Exchange {
             conn,
-            upload: Upload::new(replay.head, None, false, 0),
+            upload: Upload::new(replay.head, None, Framing::Done),
             method: replay.method,
             upgrade: replay.upgrade,
             // Once is enough.
@@ -1210,7 +1214,6 @@ mod tests {
         names.sort_unstable();
         assert_eq!(names, ["content-length", "content-type"]);
         assert!(!h.keep_alive);
-        assert_eq!(h.upgrade.unwrap(), "h2c");
     }
 
     #[test]
