@@ -159,7 +159,10 @@ fn is_dropped_request_header(name: &HeaderName, forward_authorization: bool) -> 
         | "x-forwarded-host"
         | "forwarded"
         | "host"
-        | "expect" => true,
+        | "expect"
+        // The client's trailers stay behind (see upstream::Upload), so their
+        // announcement does too.
+        | "trailer" => true,
         "authorization" => !forward_authorization,
         _ => is_hop_by_hop(name.as_str().as_bytes()),
     }

@@ -762,3 +762,27 @@ async fn only_websocket_upgrades_are_forwarded() {
         );
     }
 }
+
+#[tokio::test]
+async fn response_trailers_reach_http1_clients_that_accept_them() {
+    let up = Raw::start(|_| {
+        Reply::new(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n\
+              2\r\nok\r\n0\r\nx-checksum: 1\r\n\r\n",
+        )
+    })
+    .await;
+    let (gw, token) = gateway_for(up.addr, "", "").await;
+    let host = format!("127.0.0.1:{}", gw.addr.port());
+    let mut tls = tls_connect(gw.addr, client_tls(&[&gw.ca_pem], &[b"http/1.1"])).await;
+    let wire = format!(
+        "GET /api/v1/sum HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
+         TE: trailers\r\nConnection: close\r\n\r\n"
+    );
+    tls.write_all(wire.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let _ = within(10, tls.read_to_end(&mut received)).await;
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\r\n0\r\nx-checksum: 1\r\n\r\n"), "{text}");
+}
