@@ -8,8 +8,8 @@
 
 mod common;
 use common::wire::{
-    content_length, gateway_for, read_head, small_buffer_client, tuned_listener, within, Raw,
-    Reply, OK,
+    content_length, gateway_for, read_head, small_buffer_client, tuned_listener, upload_head,
+    within, Raw, Reply, OK,
 };
 use common::*;
 
@@ -274,24 +274,27 @@ async fn serve_duplex(stream: TcpStream, answer_len: usize, received: Arc<Atomic
     }
 }
 
-#[tokio::test]
-async fn a_client_that_sends_its_whole_body_before_reading_is_not_deadlocked() {
-    const SIZE: usize = 24 << 20;
+/// The gateway before a `serve_duplex` upstream answering `size` bytes; the count of
+/// body bytes the upstream has read.
+async fn duplex_gateway(size: usize) -> (TestGateway, String, Arc<AtomicUsize>, Task) {
     let received = Arc::new(AtomicUsize::new(0));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = received.clone();
-    let _task = accept_loop(listener, move |stream| {
-        serve_duplex(stream, SIZE, seen.clone())
+    let task = accept_loop(listener, move |stream| {
+        serve_duplex(stream, size, seen.clone())
     });
     let (gw, token) = gateway_for(addr, "", "").await;
+    (gw, token, received, task)
+}
+
+#[tokio::test]
+async fn a_client_that_sends_its_whole_body_before_reading_is_not_deadlocked() {
+    const SIZE: usize = 24 << 20;
+    let (gw, token, received, _task) = duplex_gateway(SIZE).await;
 
     let mut tls = small_buffer_client(&gw).await;
-    let head = format!(
-        "POST /api/v1/duplex HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Length: {SIZE}\r\nConnection: close\r\n\r\n",
-        gw.addr.port()
-    );
+    let head = upload_head(&gw, &token, "/api/v1/duplex", SIZE, true);
     let body = pattern(SIZE);
     let sent = tokio::time::timeout(Duration::from_secs(15), async {
         tls.write_all(head.as_bytes()).await?;
@@ -316,22 +319,11 @@ async fn a_client_that_sends_its_whole_body_before_reading_is_not_deadlocked() {
 #[tokio::test]
 async fn control_a_client_that_reads_while_sending_gets_through() {
     const SIZE: usize = 24 << 20;
-    let received = Arc::new(AtomicUsize::new(0));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = received.clone();
-    let _task = accept_loop(listener, move |stream| {
-        serve_duplex(stream, SIZE, seen.clone())
-    });
-    let (gw, token) = gateway_for(addr, "", "").await;
+    let (gw, token, received, _task) = duplex_gateway(SIZE).await;
 
     let tls = small_buffer_client(&gw).await;
     let (mut read, mut write) = tokio::io::split(tls);
-    let head = format!(
-        "POST /api/v1/duplex HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Length: {SIZE}\r\nConnection: close\r\n\r\n",
-        gw.addr.port()
-    );
+    let head = upload_head(&gw, &token, "/api/v1/duplex", SIZE, true);
     let body = pattern(SIZE);
     let reader = tokio::spawn(async move {
         let mut response = Vec::new();
@@ -399,11 +391,7 @@ async fn the_rest_of_a_body_still_reaches_an_upstream_that_answered_early() {
     let (gw, token) = gateway_for(addr, "", "").await;
 
     let mut tls = small_buffer_client(&gw).await;
-    let head = format!(
-        "POST /api/v1/accept HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Length: {SIZE}\r\n\r\n",
-        gw.addr.port()
-    );
+    let head = upload_head(&gw, &token, "/api/v1/accept", SIZE, false);
     let body = pattern(SIZE);
     // The head and a first piece of the body (small enough for the socket buffers).
     tls.write_all(head.as_bytes()).await.unwrap();

@@ -8,7 +8,8 @@
 
 mod common;
 use common::wire::{
-    content_length, find, gateway_for, read_head, small_buffer_client, tuned_listener, within,
+    content_length, find, gateway_for, read_head, small_buffer_client, tuned_listener, upload_head,
+    within,
 };
 use common::*;
 
@@ -115,11 +116,7 @@ async fn a_response_body_dropped_early_closes_the_upstream_connection() {
 
     let tls = small_buffer_client(&gw).await;
     let (mut read, mut write) = tokio::io::split(tls);
-    let head = format!(
-        "POST /api/v1/echo HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Length: {SIZE}\r\n\r\n",
-        gw.addr.port()
-    );
+    let head = upload_head(&gw, &token, "/api/v1/echo", SIZE, false);
     write.write_all(head.as_bytes()).await.unwrap();
     let writer = tokio::spawn(async move {
         let body = pattern(SIZE);
@@ -213,11 +210,7 @@ async fn an_upload_after_an_early_answer_does_not_outlive_its_client() {
 
     let tls = small_buffer_client(&gw).await;
     let (mut read, mut write) = tokio::io::split(tls);
-    let head = format!(
-        "POST /api/v1/hung HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Length: {SIZE}\r\n\r\n",
-        gw.addr.port()
-    );
+    let head = upload_head(&gw, &token, "/api/v1/hung", SIZE, false);
     write.write_all(head.as_bytes()).await.unwrap();
     let writer = tokio::spawn(async move {
         let body = pattern(SIZE);

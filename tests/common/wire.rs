@@ -330,3 +330,14 @@ pub async fn small_buffer_client(gw: &TestGateway) -> tokio_rustls::client::TlsS
         .await
         .unwrap()
 }
+
+/// The head of a raw `POST path` of `size` bytes through `gw` with `token`, and
+/// `Connection: close` when `close`.
+pub fn upload_head(gw: &TestGateway, token: &str, path: &str, size: usize, close: bool) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: {size}\r\n{}\r\n",
+        gw.addr.port(),
+        if close { "Connection: close\r\n" } else { "" }
+    )
+}
