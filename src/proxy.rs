@@ -293,10 +293,14 @@ impl<'a> HeaderRewrite<'a> {
     }
 
     /// Writes the client's `headers` that go on (all but `Content-Length`, which the
-    /// framing decides), then the gateway's own, as `name: value` lines.
-    pub fn write(&self, headers: &HeaderMap, out: &mut BytesMut) {
+    /// framing decides), then the gateway's own, as `name: value` lines. Returns whether
+    /// the client sent a `Content-Length`.
+    pub fn write(&self, headers: &HeaderMap, out: &mut BytesMut) -> bool {
+        let mut declared_length = false;
         for (name, value) in headers {
-            if name != header::CONTENT_LENGTH && !self.drops(name) {
+            if name == header::CONTENT_LENGTH {
+                declared_length = true;
+            } else if !self.drops(name) {
                 put_header(out, name, value);
             }
         }
@@ -319,6 +323,7 @@ impl<'a> HeaderRewrite<'a> {
             out.extend_from_slice(b"connection: upgrade\r\n");
             put_header(out, &header::UPGRADE, protocol);
         }
+        declared_length
     }
 }
 

@@ -440,9 +440,9 @@ fn encode_request(
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     put_header(&mut out, &header::HOST, host);
-    rewrite.write(&parts.headers, &mut out);
+    let declared_length = rewrite.write(&parts.headers, &mut out);
     let framing = if body.is_end_stream() {
-        if parts.headers.contains_key(header::CONTENT_LENGTH) {
+        if declared_length {
             out.extend_from_slice(b"content-length: 0\r\n");
         }
         Framing::Done
