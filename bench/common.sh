@@ -15,13 +15,31 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The benchmark's client (bench / bench-secret) and user (bench@example.com /
-# bench-password) as gateway config, hashed with the gateway binary $1.
-bench_identities() {
+# The benchmark gateway's config on port $2, in front of the 64-byte upstream on $3
+# (every path) and the 64 KiB one on $4 (/big/**), with the benchmark's client
+# (bench / bench-secret) and user (bench@example.com / bench-password), hashed with
+# the gateway binary $1.
+bench_config() {
   local client_hash user_hash
   client_hash=$(printf 'bench-secret\n' | "$1" hash-password)
   user_hash=$(printf 'bench-password\n' | "$1" hash-password)
   cat <<TOML
+[server]
+listen = "127.0.0.1:$2"
+tls_cert = "gateway.crt"
+tls_key = "gateway.key"
+[admin]
+listen = "127.0.0.1:0"
+[security]
+max_failed_logins = 4000000000
+[tokens]
+# oha repeats one request body, so the refresh benchmark presents one refresh token
+# again and again: the grace period lets every presentation rotate instead of revoking.
+refresh_reuse_grace = "1h"
+max_families_per_user = 100000000
+# The refresh runs issue two records per request, tens of thousands a second: room
+# for all of them, so the cap (503) never decides a result.
+max_live_tokens = 50000000
 [[clients]]
 client_id = "bench"
 client_secret = "$client_hash"
@@ -30,5 +48,11 @@ authorized_grant_types = ["password", "refresh_token"]
 username = "bench@example.com"
 password = "$user_hash"
 roles = ["ROLE_COLLABORATOR"]
+[[routes]]
+path = "/big/**"
+upstream = "http://127.0.0.1:$4"
+[[routes]]
+path = "/**"
+upstream = "http://127.0.0.1:$3"
 TOML
 }

@@ -10,6 +10,7 @@
 # fifty times slower than native, so it says nothing about req/s or latency.
 #
 # Usage: bench/instructions.sh [N]      (default 4000; needs valgrind, oha, curl)
+#        BUILD=pgo bench/instructions.sh   the gateway as bench/pgo.sh builds it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-4000}
@@ -23,27 +24,17 @@ need python3 "apt-get install python3"
 
 cargo build --release --quiet --bin covata-gateway
 BIN=$PWD/target/release/covata-gateway
+GATEWAY_BIN=$BIN
+[ "${BUILD:-release}" = pgo ] && GATEWAY_BIN=$(bench/pgo.sh | tail -1)
 UP=$(free_port); GW=$(free_port)
 export TOKIO_WORKER_THREADS=1
 "$BIN" demo-upstream --listen 127.0.0.1:$UP --body-size 64 >"$WORK/up.log" 2>&1 & PIDS+=($!)
-IDENTITIES=$(bench_identities "$BIN")
-cat >"$WORK/gateway.toml" <<TOML
-[server]
-listen = "127.0.0.1:$GW"
-tls_cert = "gateway.crt"
-tls_key = "gateway.key"
-[admin]
-listen = "127.0.0.1:0"
-$IDENTITIES
-[[routes]]
-path = "/**"
-upstream = "http://127.0.0.1:$UP"
-TOML
+bench_config "$BIN" $GW $UP $UP >"$WORK/gateway.toml"
 
 count() { # label -- oha args
   local label=$1; shift 2
   RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no \
-    --callgrind-out-file="$WORK/cg.out" "$BIN" --config "$WORK/gateway.toml" >"$WORK/gw.log" 2>&1 &
+    --callgrind-out-file="$WORK/cg.out" "$GATEWAY_BIN" --config "$WORK/gateway.toml" >"$WORK/gw.log" 2>&1 &
   local vg=$!
   PIDS+=($vg)
   for _ in $(seq 1 300); do curl -sk -o /dev/null "https://127.0.0.1:$GW/" && break; sleep 0.2; done

@@ -70,6 +70,7 @@ def main():
     ap.add_argument("--argon", default="{}")
     ap.add_argument("--rate", default="")
     ap.add_argument("--machine", default="")
+    ap.add_argument("--build", default="release")
     args = ap.parse_args()
     rows = [json.loads(line) for line in open(args.results) if line.strip()]
     cells = {}
@@ -77,7 +78,8 @@ def main():
         cells.setdefault((r["scenario"], r["target"]), []).append(r)
     failed = False
 
-    print(f"covata-gateway benchmark, {time.strftime('%Y-%m-%d')}, {args.machine}")
+    build = "PGO build (bench/pgo.sh)" if args.build == "pgo" else "release build"
+    print(f"covata-gateway benchmark, {time.strftime('%Y-%m-%d')}, {args.machine}, gateway {build}")
     print()
     print("| scenario | target | req/s | p50 ms | p99 ms | success | gateway/nginx | gateway/direct |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")

@@ -9,10 +9,14 @@
 # Prints a markdown table and exits non-zero if any request failed.
 #
 # Usage: bench/run.sh [--quick]      (env: DURATION=5s ROUNDS=3 CONCURRENCY=50)
+#        BUILD=pgo bench/run.sh      the gateway as bench/pgo.sh builds it (the
+#                                    upstreams stay the plain release build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-5s}
+BUILD=${BUILD:-release}
+case $BUILD in release|pgo) ;; *) echo "bench: BUILD is release or pgo, not $BUILD" >&2; exit 2;; esac
 ROUNDS=${ROUNDS:-3}
 CONCURRENCY=${CONCURRENCY:-50}
 if [ "${1:-}" = "--quick" ]; then DURATION=2s; ROUNDS=1; fi
@@ -33,6 +37,8 @@ CLIENT_CPU=$(( CORES > 1 ? 1 : 0 ))
 echo "== building the release binary" >&2
 cargo build --release --quiet --bin covata-gateway --example argon2_rate
 BIN=$PWD/target/release/covata-gateway
+GATEWAY_BIN=$BIN
+[ "$BUILD" = pgo ] && GATEWAY_BIN=$(bench/pgo.sh | tail -1)
 
 wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "bench: nothing listens on $1" >&2; exit 1; }
 
@@ -52,34 +58,9 @@ SERVE="setsid taskset -c $SERVER_CPU"
 $SERVE "$BIN" demo-upstream --listen 127.0.0.1:$UP --body-size 64 >"$WORK/up.log" 2>&1 & PIDS+=($!)
 $SERVE "$BIN" demo-upstream --listen 127.0.0.1:$UP64 --body-size 65536 >"$WORK/up64.log" 2>&1 & PIDS+=($!)
 
-IDENTITIES=$(bench_identities "$BIN")
-cat >"$WORK/gateway.toml" <<TOML
-[server]
-listen = "127.0.0.1:$GW"
-tls_cert = "gateway.crt"
-tls_key = "gateway.key"
-[admin]
-listen = "127.0.0.1:0"
-[security]
-max_failed_logins = 4000000000
-[tokens]
-# oha repeats one request body, so the refresh benchmark presents one refresh token
-# again and again: the grace period lets every presentation rotate instead of revoking.
-refresh_reuse_grace = "1h"
-max_families_per_user = 100000000
-# The refresh runs issue two records per request, tens of thousands a second: room
-# for all of them, so the cap (503) never decides a result.
-max_live_tokens = 50000000
-$IDENTITIES
-[[routes]]
-path = "/big/**"
-upstream = "http://127.0.0.1:$UP64"
-[[routes]]
-path = "/**"
-upstream = "http://127.0.0.1:$UP"
-TOML
+bench_config "$BIN" $GW $UP $UP64 >"$WORK/gateway.toml"
 # Starting the gateway once generates the certificate pair nginx will share.
-RUST_LOG=warn $SERVE "$BIN" --config "$WORK/gateway.toml" >"$WORK/gateway.log" 2>&1 & GW_PID=$!; PIDS+=($GW_PID)
+RUST_LOG=warn $SERVE "$GATEWAY_BIN" --config "$WORK/gateway.toml" >"$WORK/gateway.log" 2>&1 & GW_PID=$!; PIDS+=($GW_PID)
 wait_port $UP; wait_port $UP64; wait_port $GW
 
 if [ $HAVE_NGINX = 1 ]; then
@@ -200,5 +181,5 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$GW_PID/status" 2>/dev/null || echo 0)
-python3 bench/report.py "$RESULTS" --rss-kb "$RSS_KB" --argon "$ARGON" --rate "$RATE" \
+python3 bench/report.py "$RESULTS" --rss-kb "$RSS_KB" --argon "$ARGON" --rate "$RATE" --build "$BUILD" \
   --machine "$(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//')"
