@@ -271,7 +271,13 @@ pub async fn serve(
                 seen.store(true, Ordering::Relaxed);
                 let shared = service_shared.clone();
                 let peer = connection_peer.clone();
-                async move { Ok::<_, Infallible>(gateway::handle(shared, request, peer).await) }
+                // Boxed: hyper's HTTP/2 server moves each stream's future into a task of
+                // its own, copying it whole; a box is one allocation instead of copying
+                // the request and its state (callgrind: ~1,500 instructions fewer per
+                // HTTP/2 request, HTTP/1.1 unchanged).
+                Box::pin(async move {
+                    Ok::<_, Infallible>(gateway::handle(shared, request, peer).await)
+                })
             });
             // HTTP/1.1 request framing is checked on the bytes (see framing.rs); HTTP/2
             // frames carry their own lengths and forbid Transfer-Encoding.
