@@ -1,6 +1,8 @@
-# Shared by bench/run.sh and bench/instructions.sh (sourced, not run).
+# Shared by bench/run.sh, bench/instructions.sh and bench/pgo.sh (sourced, not run).
 
 need() { command -v "$1" >/dev/null 2>&1 || { echo "bench: $1 is needed ($2)" >&2; exit 2; }; }
+
+wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "bench: nothing listens on $1" >&2; exit 1; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 
@@ -55,4 +57,25 @@ upstream = "http://127.0.0.1:$4"
 path = "/**"
 upstream = "http://127.0.0.1:$3"
 TOML
+}
+
+# A password grant for the benchmark user from the gateway on port $1: sets ACCESS and
+# REFRESH.
+bench_tokens() {
+  local tokens
+  tokens=$(curl -sfk "https://127.0.0.1:$1/api/oauth/token" -u bench:bench-secret \
+    -d grant_type=password -d username=bench@example.com -d password=bench-password) ||
+    { echo "bench: the gateway on port $1 gave no token" >&2; exit 1; }
+  ACCESS=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])' <<<"$tokens")
+  REFRESH=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["refresh_token"])' <<<"$tokens")
+}
+
+# The gateway binary to measure, by $BUILD: the plain release build $1 (release, the
+# default), or a profile-guided one that bench/pgo.sh builds afresh (pgo).
+gateway_binary() {
+  case ${BUILD:-release} in
+    release) echo "$1" ;;
+    pgo) bench/pgo.sh | tail -1 ;;
+    *) echo "bench: BUILD is release or pgo, not $BUILD" >&2; exit 2 ;;
+  esac
 }

@@ -10,7 +10,7 @@
 # fifty times slower than native, so it says nothing about req/s or latency.
 #
 # Usage: bench/instructions.sh [N]      (default 4000; needs valgrind, oha, curl)
-#        BUILD=pgo bench/instructions.sh   the gateway as bench/pgo.sh builds it
+#        BUILD=pgo bench/instructions.sh   the gateway built afresh by bench/pgo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-4000}
@@ -24,8 +24,7 @@ need python3 "apt-get install python3"
 
 cargo build --release --quiet --bin covata-gateway
 BIN=$PWD/target/release/covata-gateway
-GATEWAY_BIN=$BIN
-[ "${BUILD:-release}" = pgo ] && GATEWAY_BIN=$(bench/pgo.sh | tail -1)
+GATEWAY_BIN=$(gateway_binary "$BIN")
 UP=$(free_port); GW=$(free_port)
 export TOKIO_WORKER_THREADS=1
 "$BIN" demo-upstream --listen 127.0.0.1:$UP --body-size 64 >"$WORK/up.log" 2>&1 & PIDS+=($!)
@@ -37,12 +36,9 @@ count() { # label -- oha args
     --callgrind-out-file="$WORK/cg.out" "$GATEWAY_BIN" --config "$WORK/gateway.toml" >"$WORK/gw.log" 2>&1 &
   local vg=$!
   PIDS+=($vg)
-  for _ in $(seq 1 300); do curl -sk -o /dev/null "https://127.0.0.1:$GW/" && break; sleep 0.2; done
-  local token
-  token=$(curl -sk "https://127.0.0.1:$GW/api/oauth/token" -u bench:bench-secret \
-    -d grant_type=password -d username=bench@example.com -d password=bench-password |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
-  local url="https://127.0.0.1:$GW/api/v1/x" auth="Authorization: Bearer $token"
+  wait_port $GW
+  bench_tokens $GW
+  local url="https://127.0.0.1:$GW/api/v1/x" auth="Authorization: Bearer $ACCESS"
   oha --no-tui -n 500 -c 10 --insecure -H "$auth" "$@" "$url" >/dev/null 2>&1
   callgrind_control -i on $vg >/dev/null
   oha --no-tui --output-format json -n "$N" -c 10 --insecure -H "$auth" "$@" "$url" >"$WORK/oha.json"
@@ -66,6 +62,8 @@ if ok != n:
 PY
 }
 
+echo "gateway ${BUILD:-release} build"
+echo
 echo "| protocol | requests | 200 | instructions per request |"
 echo "|---|---:|---:|---:|"
 count "HTTP/1.1" -- --http-version 1.1

@@ -9,14 +9,12 @@
 # Prints a markdown table and exits non-zero if any request failed.
 #
 # Usage: bench/run.sh [--quick]      (env: DURATION=5s ROUNDS=3 CONCURRENCY=50)
-#        BUILD=pgo bench/run.sh      the gateway as bench/pgo.sh builds it (the
+#        BUILD=pgo bench/run.sh      the gateway built afresh by bench/pgo.sh (the
 #                                    upstreams stay the plain release build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-5s}
-BUILD=${BUILD:-release}
-case $BUILD in release|pgo) ;; *) echo "bench: BUILD is release or pgo, not $BUILD" >&2; exit 2;; esac
 ROUNDS=${ROUNDS:-3}
 CONCURRENCY=${CONCURRENCY:-50}
 if [ "${1:-}" = "--quick" ]; then DURATION=2s; ROUNDS=1; fi
@@ -37,10 +35,7 @@ CLIENT_CPU=$(( CORES > 1 ? 1 : 0 ))
 echo "== building the release binary" >&2
 cargo build --release --quiet --bin covata-gateway --example argon2_rate
 BIN=$PWD/target/release/covata-gateway
-GATEWAY_BIN=$BIN
-[ "$BUILD" = pgo ] && GATEWAY_BIN=$(bench/pgo.sh | tail -1)
-
-wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "bench: nothing listens on $1" >&2; exit 1; }
+GATEWAY_BIN=$(gateway_binary "$BIN")
 
 UP=$(free_port); UP64=$(free_port); GW=$(free_port); NGX=$(free_port)
 
@@ -98,10 +93,7 @@ NGINX
   wait_port $NGX
 fi
 
-TOKENS=$(curl -sk "https://127.0.0.1:$GW/api/oauth/token" -u bench:bench-secret \
-  -d grant_type=password -d username=bench@example.com -d password=bench-password)
-ACCESS=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])' <<<"$TOKENS")
-REFRESH=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["refresh_token"])' <<<"$TOKENS")
+bench_tokens $GW
 
 RESULTS=$WORK/results.jsonl
 : >"$RESULTS"
@@ -181,5 +173,5 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$GW_PID/status" 2>/dev/null || echo 0)
-python3 bench/report.py "$RESULTS" --rss-kb "$RSS_KB" --argon "$ARGON" --rate "$RATE" --build "$BUILD" \
+python3 bench/report.py "$RESULTS" --rss-kb "$RSS_KB" --argon "$ARGON" --rate "$RATE" --build "${BUILD:-release}" \
   --machine "$(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ *//')"
