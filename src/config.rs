@@ -517,9 +517,7 @@ impl UpstreamUrl {
             host,
         })
     }
-}
 
-impl UpstreamUrl {
     /// Whether connections to it use TLS.
     pub fn is_https(&self) -> bool {
         self.origin.scheme() == Some(&http::uri::Scheme::HTTPS)
