@@ -113,6 +113,27 @@ async fn slow_relay(target: SocketAddr) -> (SocketAddr, Task) {
     (addr, task)
 }
 
+/// Reads the rest of a `length`-byte request body of which `got` bytes are in already,
+/// noting in `received` how many have come; whether all of them came before the
+/// connection ended.
+async fn read_body(
+    stream: &mut (impl AsyncRead + Unpin),
+    mut got: usize,
+    length: usize,
+    received: &AtomicUsize,
+) -> bool {
+    received.store(got, Ordering::SeqCst);
+    let mut chunk = vec![0u8; 64 * 1024];
+    while got < length {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => got += n,
+        }
+        received.store(got, Ordering::SeqCst);
+    }
+    true
+}
+
 /// Reads one Content-Length request, notes how many body bytes came, and answers `ok`
 /// once it has them all.
 async fn serve_counting<S: AsyncRead + AsyncWrite + Unpin>(
@@ -123,21 +144,13 @@ async fn serve_counting<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(head) = read_head(&mut stream, &mut buf).await else {
         return;
     };
-    let length = content_length(&head);
-    let mut got = buf.len();
-    received.store(got, Ordering::SeqCst);
-    let mut chunk = vec![0u8; 64 * 1024];
-    while got < length {
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => got += n,
-        }
-        received.store(got, Ordering::SeqCst);
+    if !read_body(&mut stream, buf.len(), content_length(&head), &received).await {
+        return;
     }
     let _ = stream.write_all(OK).await;
     let _ = stream.flush().await;
     // Keep the connection open: the gateway decides.
-    let _ = stream.read(&mut chunk).await;
+    let _ = stream.read(&mut [0u8; 4096]).await;
 }
 
 #[tokio::test]
@@ -241,15 +254,7 @@ async fn serve_duplex(stream: TcpStream, answer_len: usize, received: Arc<Atomic
     };
     let length = content_length(&head);
     let reader = tokio::spawn(async move {
-        let mut got = buf.len();
-        let mut chunk = vec![0u8; 64 * 1024];
-        while got < length {
-            match read.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got += n,
-            }
-            received.store(got, Ordering::SeqCst);
-        }
+        read_body(&mut read, buf.len(), length, &received).await;
     });
     let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {answer_len}\r\n\r\n");
     if write.write_all(head.as_bytes()).await.is_err() {
@@ -372,20 +377,12 @@ async fn the_rest_of_a_body_still_reaches_an_upstream_that_answered_early() {
             let _ = stream
                 .write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 8\r\n\r\naccepted")
                 .await;
-            let mut got = buf.len();
-            let mut chunk = vec![0u8; 64 * 1024];
-            while got < length {
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => {
-                        *end.lock().unwrap() = Some("the gateway closed mid-body");
-                        return;
-                    }
-                    Ok(n) => got += n,
-                }
-                seen.store(got, Ordering::SeqCst);
+            if !read_body(&mut stream, buf.len(), length, &seen).await {
+                *end.lock().unwrap() = Some("the gateway closed mid-body");
+                return;
             }
             *end.lock().unwrap() = Some("complete");
-            let _ = stream.read(&mut chunk).await;
+            let _ = stream.read(&mut [0u8; 4096]).await;
         }
     });
     let (gw, token) = gateway_for(addr, "", "").await;

@@ -8,9 +8,11 @@
 //! requests nothing.
 
 mod common;
+use common::wire::{read_head, OK};
 use common::*;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +25,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 /// An upstream that notes which connection (the gateway's source port) and `Host` each
 /// request came with, and counts connections opened and closed.
@@ -114,6 +116,24 @@ async fn get(gw: &TestGateway, token: &str, path: &str) -> reqwest::Response {
     gw.bearer_get(&gw.http1, path, token).await
 }
 
+/// An upstream that serves each connection with `serve`; its address and the count of
+/// connections it has accepted.
+async fn counting_upstream<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>, Task)
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let opened = Arc::new(AtomicUsize::new(0));
+    let counter = opened.clone();
+    let task = accept_loop(listener, move |stream| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        serve(stream)
+    });
+    (addr, opened, task)
+}
+
 #[tokio::test]
 async fn sequential_requests_share_one_upstream_connection_with_its_own_host() {
     let up = Recording::start().await;
@@ -180,27 +200,14 @@ async fn a_connection_the_upstream_closes_is_replaced_unnoticed() {
 async fn an_idle_connection_the_upstream_drops_silently_is_replaced() {
     // An upstream with a short keep-alive timeout of its own: it answers one request
     // per connection and then closes it after a moment, without saying so.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let opened = Arc::new(AtomicUsize::new(0));
-    let counter = opened.clone();
-    let _task = accept_loop(listener, move |mut stream| {
-        counter.fetch_add(1, Ordering::SeqCst);
-        async move {
-            let mut head = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
-            let _ = stream
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                .await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    let (addr, opened, _task) = counting_upstream(|mut stream| async move {
+        if read_head(&mut stream, &mut Vec::new()).await.is_none() {
+            return;
         }
-    });
+        let _ = stream.write_all(OK).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    })
+    .await;
     let gw = gateway_before(addr, "").await;
     let token = gw.alex_token().await;
     for round in 0..3 {
@@ -257,22 +264,6 @@ async fn no_more_idle_connections_are_kept_than_pool_max_idle_per_host() {
     assert_eq!(up.closed.load(Ordering::SeqCst), 2);
 }
 
-/// Reads one request head from `stream`, keeping any bytes after it in `buf`.
-async fn read_head(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..i + 4]).into_owned();
-            buf.drain(..i + 4);
-            return Some(head);
-        }
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
 /// A raw HTTP/1.1 upstream: for each request head, `answer(head)` is written back, and
 /// `then(head)` says whether to read on (`true`) or to swallow the rest of the
 /// connection's bytes and close (`false`). Counts connections opened and closed.
@@ -305,8 +296,6 @@ fn raw_upstream(
     });
     (opened, closed, task)
 }
-
-const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
 #[tokio::test]
 async fn connections_still_sending_a_body_wait_outside_the_pool() {
@@ -413,21 +402,15 @@ async fn a_kept_alive_connection_closed_unanswered_is_retried_only_for_idempoten
     // Each connection answers its first request and then, at the second, closes without
     // a word: what an upstream whose keep-alive timeout runs out just as the gateway
     // reuses its connection looks like from the gateway.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let opened = Arc::new(AtomicUsize::new(0));
-    let counter = opened.clone();
-    let _task = accept_loop(listener, move |mut stream| {
-        counter.fetch_add(1, Ordering::SeqCst);
-        async move {
-            let mut buf = Vec::new();
-            if read_head(&mut stream, &mut buf).await.is_some() {
-                let _ = stream.write_all(OK).await;
-            }
-            // The second head is read, and the connection dropped unanswered.
-            let _ = read_head(&mut stream, &mut buf).await;
+    let (addr, opened, _task) = counting_upstream(|mut stream| async move {
+        let mut buf = Vec::new();
+        if read_head(&mut stream, &mut buf).await.is_some() {
+            let _ = stream.write_all(OK).await;
         }
-    });
+        // The second head is read, and the connection dropped unanswered.
+        let _ = read_head(&mut stream, &mut buf).await;
+    })
+    .await;
     let gw = gateway_before(addr, "").await;
     let token = gw.alex_token().await;
     let send = |method: reqwest::Method| {

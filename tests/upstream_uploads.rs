@@ -9,7 +9,7 @@
 mod common;
 use common::wire::{
     content_length, find, gateway_for, read_head, small_buffer_client, tuned_listener, upload_head,
-    within,
+    within, OK,
 };
 use common::*;
 
@@ -17,8 +17,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_rustls::client::TlsStream;
 
 /// A listener whose accepted sockets have 4 KiB buffers, so an upstream that stops
 /// reading (or writing) fills the path after a few kilobytes on its side.
@@ -54,6 +56,54 @@ async fn wait_for(flag: &AtomicBool, secs: u64) -> Option<Duration> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     None
+}
+
+/// A client's upload through the gateway: a small-buffer TLS connection that has sent
+/// the head of a POST and sends its body from a task of its own (which keeps the write
+/// half, so the connection stays open once the body is out).
+struct Upload {
+    read: ReadHalf<TlsStream<TcpStream>>,
+    writer: JoinHandle<WriteHalf<TlsStream<TcpStream>>>,
+}
+
+impl Upload {
+    /// Sends the head of a `size`-byte `POST path` through `gw` with `token`, then starts
+    /// on the body.
+    async fn start(gw: &TestGateway, token: &str, path: &str, size: usize) -> Upload {
+        let tls = small_buffer_client(gw).await;
+        let (read, mut write) = tokio::io::split(tls);
+        let head = upload_head(gw, token, path, size, false);
+        write.write_all(head.as_bytes()).await.unwrap();
+        let writer = tokio::spawn(async move {
+            let body = pattern(size);
+            let _ = write.write_all(&body).await;
+            write
+        });
+        Upload { read, writer }
+    }
+
+    /// The response as read until `enough` says so or the connection ends, within 10 s.
+    async fn read_until(&mut self, enough: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+        let mut response = Vec::new();
+        within(10, async {
+            let mut chunk = [0u8; 1024];
+            while !enough(&response) {
+                match self.read.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => response.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await;
+        response
+    }
+
+    /// The client gives up: it stops sending and closes its connection.
+    async fn abandon(self) {
+        self.writer.abort();
+        let _ = self.writer.await;
+        drop(self.read);
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -114,27 +164,9 @@ async fn a_response_body_dropped_early_closes_the_upstream_connection() {
     });
     let (gw, token) = gateway_for(addr, "", "").await;
 
-    let tls = small_buffer_client(&gw).await;
-    let (mut read, mut write) = tokio::io::split(tls);
-    let head = upload_head(&gw, &token, "/api/v1/echo", SIZE, false);
-    write.write_all(head.as_bytes()).await.unwrap();
-    let writer = tokio::spawn(async move {
-        let body = pattern(SIZE);
-        let _ = write.write_all(&body).await;
-        write
-    });
+    let mut upload = Upload::start(&gw, &token, "/api/v1/echo", SIZE).await;
     // The 200 head comes at once; the client reads no further.
-    let mut response = Vec::new();
-    within(10, async {
-        let mut chunk = [0u8; 1024];
-        while find(&response, b"\r\n\r\n").is_none() {
-            match read.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => response.extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
-    .await;
+    let response = upload.read_until(|r| find(r, b"\r\n\r\n").is_some()).await;
     assert!(
         response.starts_with(b"HTTP/1.1 200"),
         "{:?}",
@@ -142,9 +174,7 @@ async fn a_response_body_dropped_early_closes_the_upstream_connection() {
     );
     let stalled_at = until_stalled(&echoed, 30).await;
     // The client gives up: its connection closes, and hyper drops the response body.
-    writer.abort();
-    let _ = writer.await;
-    drop(read);
+    upload.abandon().await;
     let closed = wait_for(&gone, 5).await;
     assert!(
         closed.is_some(),
@@ -188,11 +218,7 @@ async fn an_upload_after_an_early_answer_does_not_outlive_its_client() {
             // A complete answer at once (keep-alive), then the upstream stops reading,
             // as a hung process would. A byte now and then (which the gateway never
             // reads) tells whether the gateway's end of the connection is still open.
-            if stream
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                .await
-                .is_err()
-            {
+            if stream.write_all(OK).await.is_err() {
                 return;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -208,26 +234,8 @@ async fn an_upload_after_an_early_answer_does_not_outlive_its_client() {
     let before = "[upstream]\nresponse_timeout = \"2s\"\n";
     let (gw, token) = gateway_for(addr, before, "").await;
 
-    let tls = small_buffer_client(&gw).await;
-    let (mut read, mut write) = tokio::io::split(tls);
-    let head = upload_head(&gw, &token, "/api/v1/hung", SIZE, false);
-    write.write_all(head.as_bytes()).await.unwrap();
-    let writer = tokio::spawn(async move {
-        let body = pattern(SIZE);
-        let _ = write.write_all(&body).await;
-        write
-    });
-    let mut response = Vec::new();
-    within(10, async {
-        let mut chunk = [0u8; 1024];
-        while !response.ends_with(b"\r\n\r\nok") {
-            match read.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => response.extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
-    .await;
+    let mut upload = Upload::start(&gw, &token, "/api/v1/hung", SIZE).await;
+    let response = upload.read_until(|r| r.ends_with(b"\r\n\r\nok")).await;
     assert!(
         response.starts_with(b"HTTP/1.1 200") && response.ends_with(b"ok"),
         "{:?}",
@@ -235,9 +243,7 @@ async fn an_upload_after_an_early_answer_does_not_outlive_its_client() {
     );
     // The body stalls at once (the upstream reads nothing); the client gives up.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    writer.abort();
-    let _ = writer.await;
-    drop(read);
+    upload.abandon().await;
     let closed = wait_for(&gone, 10).await;
     assert!(
         closed.is_some(),

@@ -48,6 +48,21 @@ async fn get_text(
     .await
 }
 
+/// `/api/v1/ok` through `client` is answered `ok` as ever after the request for `after`:
+/// whatever that request met upstream cost the gateway nothing else.
+async fn still_ok(gw: &TestGateway, client: &reqwest::Client, token: &str, after: &str) {
+    let (status, body) = get_text(gw, client, token, "/api/v1/ok").await;
+    assert_eq!((status, body.as_str()), (200, "ok"), "after {after}");
+}
+
+/// `GET path` through `client` is the gateway's 502, and the gateway keeps working
+/// (`still_ok`).
+async fn bad_gateway_then_ok(gw: &TestGateway, client: &reqwest::Client, token: &str, path: &str) {
+    let response = within(10, gw.bearer_get(client, path, token)).await;
+    expect_error(response, 502, "bad_gateway").await;
+    still_ok(gw, client, token, path).await;
+}
+
 #[tokio::test]
 async fn a_chunked_answer_with_extensions_in_tiny_writes_arrives_whole_and_keeps_its_connection() {
     let up = Raw::start(|_| {
@@ -339,11 +354,7 @@ async fn malformed_answers_are_502_and_the_gateway_keeps_working() {
     let (gw, token) = gateway_for(up.addr, "", "").await;
     for (name, _) in BAD {
         for client in [&gw.http1, &gw.http2] {
-            let path = format!("/api/v1/bad/{name}");
-            let response = within(10, gw.bearer_get(client, &path, &token)).await;
-            expect_error(response, 502, "bad_gateway").await;
-            let (status, body) = get_text(&gw, client, &token, "/api/v1/ok").await;
-            assert_eq!((status, body.as_str()), (200, "ok"), "after {name}");
+            bad_gateway_then_ok(&gw, client, &token, &format!("/api/v1/bad/{name}")).await;
         }
     }
 }
@@ -368,10 +379,7 @@ async fn an_upstream_closing_before_its_head_is_complete_is_502() {
         "/api/v1/no-empty-line",
     ] {
         for client in [&gw.http1, &gw.http2] {
-            let response = within(10, gw.bearer_get(client, path, &token)).await;
-            expect_error(response, 502, "bad_gateway").await;
-            let (status, body) = get_text(&gw, client, &token, "/api/v1/ok").await;
-            assert_eq!((status, body.as_str()), (200, "ok"), "after {path}");
+            bad_gateway_then_ok(&gw, client, &token, path).await;
         }
     }
 }
@@ -406,10 +414,7 @@ async fn a_huge_answer_head_is_502() {
         (&gw.http1, "/api/v1/huge"),
         (&gw.http2, "/api/v1/huge"),
     ] {
-        let response = within(10, gw.bearer_get(client, path, &token)).await;
-        expect_error(response, 502, "bad_gateway").await;
-        let (status, body) = get_text(&gw, client, &token, "/api/v1/ok").await;
-        assert_eq!((status, body.as_str()), (200, "ok"));
+        bad_gateway_then_ok(&gw, client, &token, path).await;
     }
 }
 
@@ -457,8 +462,7 @@ async fn a_body_cut_short_never_looks_complete() {
                 ),
                 other => panic!("{path}: {other:?}"),
             }
-            let (status, body) = get_text(&gw, client, &token, "/api/v1/ok").await;
-            assert_eq!((status, body.as_str()), (200, "ok"), "after {path}");
+            still_ok(&gw, client, &token, path).await;
         }
     }
 }

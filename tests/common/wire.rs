@@ -1,9 +1,9 @@
 //! HTTP/1.1 on the upstream's side of the gateway, byte for byte, for the tests of the
 //! gateway's own upstream codec (tests/upstream_wire.rs, tests/upstream_edges.rs,
-//! tests/upstream_uploads.rs): reading request heads and bodies as an upstream gets
-//! them, a raw upstream that answers with exactly the bytes a test gives, a gateway in
-//! front of such an upstream, listeners with tuned sockets, and a client with small
-//! socket buffers.
+//! tests/upstream_uploads.rs, tests/upstream_pool.rs): reading request heads and
+//! bodies as an upstream gets them, a raw upstream that answers with exactly the bytes
+//! a test gives, a gateway in front of such an upstream, listeners with tuned sockets,
+//! and a client with small socket buffers.
 
 use std::future::Future;
 use std::net::SocketAddr;
