@@ -542,11 +542,24 @@ impl fmt::Display for UpstreamUrl {
 /// Parses `"500ms"`, `"10s"`, `"15m"`; zero is refused because every duration here is a
 /// deadline or a period.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let value = parse_duration_or_zero(text)?;
+    if value.is_zero() {
+        return Err(format!("`{text}`: a duration must be greater than zero"));
+    }
+    Ok(value)
+}
+
+/// The longest duration a setting may have. Deadlines are added to the clock, and a
+/// sum beyond what it can hold would panic in the middle of a request.
+const MAX_DURATION: Duration = Duration::from_secs(36_525 * 24 * 3600);
+
+/// As [`parse_duration`], zero allowed.
+fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
     let value = humantime::parse_duration(text.trim()).map_err(|e| {
         format!("`{text}` is not a duration ({e}); write it with a unit, e.g. \"10s\"")
     })?;
-    if value.is_zero() {
-        return Err(format!("`{text}`: a duration must be greater than zero"));
+    if value > MAX_DURATION {
+        return Err(format!("`{text}`: a duration may be at most 100 years"));
     }
     Ok(value)
 }
@@ -558,11 +571,7 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 
 fn duration_or_zero<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
-    humantime::parse_duration(text.trim()).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "`{text}` is not a duration ({e}); write it with a unit, e.g. \"10s\""
-        ))
-    })
+    parse_duration_or_zero(&text).map_err(serde::de::Error::custom)
 }
 
 fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -936,11 +945,29 @@ mod tests {
     }
 
     #[test]
+    fn durations_go_up_to_a_hundred_years() {
+        assert!(parse_duration("100y").is_ok());
+        assert!(parse_duration_or_zero("0s").is_ok());
+        assert!(parse_duration("100y 1s").is_err());
+    }
+
+    #[test]
     fn bad_values_are_located() {
         let cases = [
             ("[server]\nlisten = \"localhost\"\n", 2, "listen"),
             ("[server]\n\nidle_timeout = \"10 parsecs\"\n", 3, "idle_timeout"),
             ("[server]\nidle_timeout = \"0s\"\n", 2, "greater than zero"),
+            // Added to the clock per request, beyond what it holds: a panic, once.
+            (
+                "[upstream]\nresponse_timeout = \"500000000000y\"\n",
+                2,
+                "at most 100 years",
+            ),
+            (
+                "[tokens]\nrefresh_reuse_grace = \"101y\"\n",
+                2,
+                "at most 100 years",
+            ),
             (
                 "[[users]]\nusername = \"a\"\npassword = \"hunter2\"\nroles = [\"R\"]\n",
                 3,

@@ -14,7 +14,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::header::HeaderValue;
 use http::{Request, Response};
 
 use crate::config::UpstreamUrl;
@@ -38,10 +37,8 @@ struct Idle {
 /// Idle keep-alive connections to one upstream address.
 pub struct Pool {
     connector: Connector,
-    /// What the connector dials.
+    /// What the connector dials; its `host` is the `Host` of every request sent here.
     url: UpstreamUrl,
-    /// `Host` of every request sent here.
-    host: HeaderValue,
     idle: Mutex<Vec<Idle>>,
     idle_timeout: Duration,
     max_idle: usize,
@@ -59,7 +56,6 @@ impl Pool {
         Arc::new(Pool {
             connector,
             url: url.clone(),
-            host: url.host.clone(),
             idle: Mutex::new(Vec::new()),
             idle_timeout,
             max_idle,
@@ -84,7 +80,7 @@ impl Pool {
                 Err(error) => return Err(SendError::Connect(Box::new(error), Box::new(request))),
             },
         };
-        let exchange = Exchange::new(conn, request, &self.host, rewrite);
+        let exchange = Exchange::new(conn, request, &self.url.host, rewrite);
         let (head, mut body) = match exchange.response(stall).await {
             Ok(answer) => answer,
             // A kept-alive connection the upstream closed just as it was picked (its

@@ -223,8 +223,11 @@ pub struct Origin<'a> {
 /// entries cost more than the rest of the rewrite together.
 pub struct HeaderRewrite<'a> {
     forward_authorization: bool,
-    /// Names the client's `Connection` header lists: hop-by-hop by its say-so.
+    /// Names the client's `Connection` header lists: hop-by-hop by its say-so. Only
+    /// those not dropped anyway: browsers send `keep-alive` on every request.
     connection_named: Vec<HeaderName>,
+    /// Whether `Connection` lists `upgrade`.
+    connection_upgrade: bool,
     identity: Option<&'a Identity>,
     /// `X-Forwarded-For` when a trusted proxy's chain is extended; else the peer's.
     chained_xff: Option<HeaderValue>,
@@ -258,16 +261,25 @@ impl<'a> HeaderRewrite<'a> {
         } else {
             None
         };
-        // On the bytes: one non-ASCII byte must not hide the names beside it.
+        // On the bytes: one non-ASCII byte must not hide the names beside it. Names
+        // dropped in any case (and `close`, no header) are not kept: nothing to look up
+        // or allocate for the usual `Connection: keep-alive`.
+        let mut connection_upgrade = false;
         let connection_named = headers
             .get_all(header::CONNECTION)
             .iter()
             .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
+            .map(<[u8]>::trim_ascii)
+            .filter(|name| {
+                connection_upgrade |= name.eq_ignore_ascii_case(b"upgrade");
+                !crate::upstream::is_hop_by_hop(name) && !name.eq_ignore_ascii_case(b"close")
+            })
+            .filter_map(|name| HeaderName::from_bytes(name).ok())
             .collect();
         HeaderRewrite {
             forward_authorization: route.forward_authorization,
             connection_named,
+            connection_upgrade,
             identity,
             chained_xff,
             peer: origin.peer,
@@ -428,7 +440,7 @@ fn upgrade_requested<B>(request: &Request<B>, rewrite: &HeaderRewrite<'_>) -> Op
     if request.version() != Version::HTTP_11 {
         return None;
     }
-    let connection_upgrade = rewrite.connection_named.contains(&header::UPGRADE);
+    let connection_upgrade = rewrite.connection_upgrade;
     // WebSocket only. After a 101 the connection is a tunnel no request on it is checked
     // in; an `h2c` upgrade would let the client send the upstream any HTTP/2 request,
     // with any path and identity headers ("h2c smuggling"). Other upgrades go on as
@@ -582,7 +594,7 @@ mod tests {
             for (k, v) in [
                 ("host", "api.example.com"),
                 ("authorization", "Bearer secret"),
-                ("connection", "X-Private"),
+                ("connection", "keep-alive, X-Private,close , Upgrade"),
                 ("x-private", "1"),
                 ("expect", "100-continue"),
                 ("x-authenticated-user", "spoofed"),
@@ -625,6 +637,12 @@ mod tests {
             find("/x"),
             &untrusted,
         );
+        // Of the names Connection lists, only those not dropped anyway are kept.
+        assert_eq!(
+            rewrite.connection_named,
+            [HeaderName::from_static("x-private")]
+        );
+        assert!(rewrite.connection_upgrade);
         let headers = written(rewrite);
         let mut names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();

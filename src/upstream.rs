@@ -12,6 +12,7 @@
 //! request (perhaps another user's). Anything ambiguous either fails the exchange (502)
 //! or closes the connection instead of pooling it.
 
+use std::fmt::Write as _;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -301,8 +302,7 @@ impl Upload {
                 match written {
                     Ok(mut n) => {
                         self.moves += 1;
-                        while n > 0 {
-                            let first = &mut self.out[0];
+                        while let Some(first) = self.out.first_mut().filter(|_| n > 0) {
                             let take = n.min(first.len());
                             first.advance(take);
                             n -= take;
@@ -364,7 +364,9 @@ impl Upload {
         match frame.into_data() {
             Ok(data) if data.is_empty() => {}
             Ok(data) if self.chunked => {
-                self.out.push(Bytes::from(format!("{:x}\r\n", data.len())));
+                let mut line = BytesMut::with_capacity(18);
+                let _ = write!(line, "{:x}\r\n", data.len());
+                self.out.push(line.freeze());
                 self.out.push(data);
                 self.out.push(Bytes::from_static(b"\r\n"));
             }
@@ -447,9 +449,7 @@ fn encode_request(
         }
         Framing::Done
     } else if let Some(length) = body.size_hint().exact() {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(length.to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
+        let _ = write!(out, "content-length: {length}\r\n");
         Framing::Length(length)
     } else {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
