@@ -28,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHa
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
 
 use crate::config::UpstreamUrl;
 use crate::pool::Pool;
@@ -62,71 +63,8 @@ pub enum WireError {
     Malformed(&'static str),
 }
 
-/// A connection to an upstream, plain or TLS.
-pub enum Io {
-    /// `http://`.
-    Plain(TcpStream),
-    /// `https://`.
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Io::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Io::Plain(s) => s.is_write_vectored(),
-            Io::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
+/// A connection to an upstream: plain (`http://`, left) or TLS (`https://`, right).
+pub type Io = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
 /// Opens connections to upstream addresses: TCP, then TLS for `https://`, both within
 /// the connect deadline.
@@ -162,12 +100,12 @@ impl Connector {
             // Small requests would otherwise wait on Nagle's algorithm.
             tcp.set_nodelay(true)?;
             if !https {
-                return Ok(Io::Plain(tcp));
+                return Ok(Either::Left(tcp));
             }
             let name = rustls::pki_types::ServerName::try_from(bare.to_owned())
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             let tls = self.tls.connect(name, tcp).await?;
-            Ok(Io::Tls(Box::new(tls)))
+            Ok(Either::Right(Box::new(tls)))
         };
         match tokio::time::timeout(self.timeout, connect).await {
             Ok(io) => io.map(Conn::new),
