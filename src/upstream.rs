@@ -160,6 +160,9 @@ enum Framing {
     Eof,
     /// Read to the end.
     Done,
+    /// After a 101: the connection is now the client's tunnel, never a body to read
+    /// nor a connection to reuse.
+    Tunnel,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,7 +200,7 @@ impl Upload {
         let (body, chunked, promised) = match framing {
             Framing::Length(n) => (body, false, n),
             Framing::Chunked(_) => (body, true, 0),
-            Framing::Done | Framing::Eof => (None, false, 0),
+            Framing::Done | Framing::Eof | Framing::Tunnel => (None, false, 0),
         };
         Upload {
             out: vec![head],
@@ -536,6 +539,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireE
         ));
     }
     let framing = match (bodiless, chunked, length) {
+        _ if status == StatusCode::SWITCHING_PROTOCOLS => Framing::Tunnel,
         (true, _, _) | (false, None, Some(0)) => Framing::Done,
         (false, Some(true), _) => Framing::Chunked(Chunk::Size),
         (false, Some(false), _) => Framing::Eof,
@@ -552,7 +556,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireE
         headers.remove(header::CONTENT_LENGTH);
         close = true;
     }
-    if framing == Framing::Eof {
+    if matches!(framing, Framing::Eof | Framing::Tunnel) {
         close = true;
     }
     Ok(Some(Head {
@@ -693,7 +697,7 @@ impl Exchange {
                 return Err(Failed { error, replay });
             }
         };
-        let done = head.framing == Framing::Done && head.status != StatusCode::SWITCHING_PROTOCOLS;
+        let done = head.framing == Framing::Done;
         let Conn { io, buf } = self.conn;
         // A request the upstream stopped reading leaves the connection unusable.
         let keep_alive = head.keep_alive && self.upload.write_failed.is_none();
@@ -837,15 +841,14 @@ impl ResponseBody {
         loop {
             let buf = &mut self.buf;
             let want = match self.framing {
-                Framing::Done => return Poll::Ready(None),
-                Framing::Length(0) => {
-                    self.framing = Framing::Done;
-                    continue;
-                }
+                Framing::Done | Framing::Tunnel => return Poll::Ready(None),
                 Framing::Length(n) => {
                     if !buf.is_empty() {
                         let take = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
-                        self.framing = Framing::Length(n - take as u64);
+                        self.framing = match n - take as u64 {
+                            0 => Framing::Done,
+                            rest => Framing::Length(rest),
+                        };
                         return Poll::Ready(Some(Ok(Frame::data(buf.split_to(take).freeze()))));
                     }
                     usize::try_from(n)
@@ -924,12 +927,9 @@ impl hyper::body::Body for ResponseBody {
             Poll::Ready(None) => self.finish(),
             // Trailers end a body, and hyper's servers stop polling once they have them.
             Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => self.finish(),
-            Poll::Ready(Some(Ok(_))) => {
-                if self.framing == Framing::Length(0) {
-                    self.framing = Framing::Done;
-                    self.finish();
-                }
-            }
+            // The last data of a Content-Length body: over now, without another poll.
+            Poll::Ready(Some(Ok(_))) if self.framing == Framing::Done => self.finish(),
+            Poll::Ready(Some(Ok(_))) => {}
             // A broken body leaves the connection in an unknown state: it goes.
             Poll::Ready(Some(Err(_))) => {
                 self.ended = true;
@@ -1133,6 +1133,13 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((h.framing, h.keep_alive), (Framing::Done, true));
+        // A 101 makes the connection a tunnel: no body, and never back in the pool.
+        let h = head(
+            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Tunnel, false));
         assert!(head("HTTP/1.1 200 OK\r\ncontent-length: 3")
             .unwrap()
             .is_none());
