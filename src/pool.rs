@@ -18,13 +18,13 @@ use http::{Request, Response};
 
 use crate::config::UpstreamUrl;
 use crate::proxy::{HeaderRewrite, RequestBody};
-use crate::upstream::{BoxError, Conn, Connector, Exchange, Failed, ResponseBody, WireError};
+use crate::upstream::{Conn, Connector, Exchange, Failed, ResponseBody, WireError};
 
 /// Why a request did not get a response.
 pub enum SendError {
     /// No connection could be made. Nothing was sent, and the request comes back so it
     /// can go to another address.
-    Connect(BoxError, Box<Request<RequestBody>>),
+    Connect(std::io::Error, Box<Request<RequestBody>>),
     /// The request failed on an established connection; part of it may have been sent.
     Request(WireError),
 }
@@ -77,7 +77,7 @@ impl Pool {
             Some(conn) => (conn, true),
             None => match self.connect().await {
                 Ok(conn) => (conn, false),
-                Err(error) => return Err(SendError::Connect(Box::new(error), Box::new(request))),
+                Err(error) => return Err(SendError::Connect(error, Box::new(request))),
             },
         };
         let exchange = Exchange::new(conn, request, &self.url.host, rewrite);

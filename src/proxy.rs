@@ -27,7 +27,7 @@ use crate::error::Error;
 use crate::pool::SendError;
 use crate::routes::{Route, Target};
 use crate::token::Identity;
-use crate::upstream::{is_hop_by_hop, BoxError, ResponseBody, WireError};
+use crate::upstream::{is_hop_by_hop, ResponseBody, WireError};
 
 /// TLS settings for `https://` upstreams: the roots of `ca_file`, else the system's.
 /// `needed` is false when no route uses https, so a machine without a CA bundle can
@@ -299,7 +299,7 @@ impl<'a> HeaderRewrite<'a> {
     }
 
     /// Whether the client's header `name` stays behind.
-    pub fn drops(&self, name: &HeaderName) -> bool {
+    fn drops(&self, name: &HeaderName) -> bool {
         is_dropped_request_header(name, self.forward_authorization)
             || (!self.connection_named.is_empty() && self.connection_named.contains(name))
     }
@@ -411,7 +411,7 @@ fn classify(error: &(dyn std::error::Error + 'static), connect: bool, route: &Ro
 
 enum Failure {
     /// No connection; the request was not sent and comes back whole.
-    Connect(BoxError, Box<Request<RequestBody>>),
+    Connect(std::io::Error, Box<Request<RequestBody>>),
     Other(WireError),
     TimedOut,
 }
@@ -522,7 +522,7 @@ pub async fn forward(
         };
     }
     let response = outcome.map_err(|failure| match failure {
-        Failure::Connect(error, _) => classify(&*error, true, route),
+        Failure::Connect(error, _) => classify(&error, true, route),
         Failure::Other(error) => classify(&error, false, route),
         Failure::TimedOut => Error::GatewayTimeout(
             format!(
