@@ -23,6 +23,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::{self, Body};
+use crate::framing::{Framing, Switch};
 use crate::gateway::{self, Shared};
 
 /// A pause after an accept error such as EMFILE, so a full file table does not become a
@@ -239,6 +240,7 @@ pub async fn serve(
         let server = &live.config.server;
         let (handshake_timeout, idle_timeout) = (server.tls_handshake_timeout, server.idle_timeout);
         let header_read_timeout = server.header_read_timeout;
+        let max_header_size = server.max_header_size;
         let builder = connection_builder(server);
         drop(live);
         let watcher = graceful.watcher();
@@ -267,22 +269,39 @@ pub async fn serve(
             let first_request = Arc::new(AtomicBool::new(false));
             let seen = first_request.clone();
             let connection_peer = crate::proxy::Peer::new(peer);
+            // HTTP/1.1 request framing is checked on the bytes (see framing.rs); HTTP/2
+            // frames carry their own lengths and forbid Transfer-Encoding.
+            let http1 = tls.get_ref().1.alpn_protocol() != Some(b"h2".as_slice());
+            let switch = Arc::new(Switch::default());
+            let service_switch = http1.then(|| switch.clone());
             let service = service_fn(move |request| {
                 seen.store(true, Ordering::Relaxed);
                 let shared = service_shared.clone();
                 let peer = connection_peer.clone();
+                // The guard holds the bytes after a request that asks to switch
+                // protocols until it knows whether this answer switched.
+                let switch = service_switch
+                    .clone()
+                    .filter(|_| crate::framing::asks_to_switch(&request));
                 // Boxed: hyper's HTTP/2 server moves each stream's future into a task of
                 // its own, copying it whole; a box is one allocation instead of copying
                 // the request and its state (callgrind: ~1,500 instructions fewer per
                 // HTTP/2 request, HTTP/1.1 unchanged).
                 Box::pin(async move {
-                    Ok::<_, Infallible>(gateway::handle(shared, request, peer).await)
+                    let connect = request.method() == http::Method::CONNECT;
+                    let response = gateway::handle(shared, request, peer).await;
+                    if let Some(switch) = switch {
+                        let status = response.status();
+                        switch.decide(
+                            status == StatusCode::SWITCHING_PROTOCOLS
+                                || (connect && status.is_success()),
+                        );
+                    }
+                    Ok::<_, Infallible>(response)
                 })
             });
-            // HTTP/1.1 request framing is checked on the bytes (see framing.rs); HTTP/2
-            // frames carry their own lengths and forbid Transfer-Encoding.
-            let http1 = tls.get_ref().1.alpn_protocol() != Some(b"h2".as_slice());
-            let io = crate::framing::Guarded::new(tls, http1);
+            let framing = http1.then(|| Framing::new(max_header_size));
+            let io = crate::framing::Guarded::new(tls, framing, switch);
             let connection = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service)
                 .into_owned();

@@ -1174,3 +1174,86 @@ async fn the_address_lockout_is_per_address() {
     );
     still_serves(&gw, &up).await;
 }
+
+/// The smuggling guard holds for every request of a connection: after a `CONNECT` (which
+/// the gateway answers 400), after requests asking to switch protocols that are answered
+/// without a switch, and after a repeated `Content-Length`; the ambiguous request behind
+/// each is refused (the whole request before it is still answered), and the request
+/// hidden behind that never reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_smuggling_guard_holds_for_every_request_of_a_connection() {
+    let up = Counting::start().await;
+    let gw = start(&up, "", "").await;
+    let token = gw.alex_token().await;
+    let host = format!("127.0.0.1:{}", gw.addr.port());
+    let smuggled = format!("GET /api/v1/smuggled HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let ambiguous = format!(
+        "{}0\r\n\r\n{smuggled}",
+        post_head(
+            &gw,
+            &token,
+            "/api/v1/clte",
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n"
+        )
+    );
+    let openers = [
+        (
+            "CONNECT",
+            format!("CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+            400,
+        ),
+        (
+            "an h2c upgrade, answered without a switch",
+            format!(
+                "GET /api/v1/upgrade HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
+                 Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
+            ),
+            200,
+        ),
+        (
+            "a WebSocket upgrade the upstream refuses",
+            format!(
+                "GET /api/v1/websocket HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
+                 Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            ),
+            200,
+        ),
+        (
+            "a repeated Content-Length of one value, which hyper reads as one",
+            format!(
+                "{}hello",
+                post_head(
+                    &gw,
+                    &token,
+                    "/api/v1/list",
+                    "Content-Length: 5\r\nContent-Length: 5\r\n"
+                )
+            ),
+            200,
+        ),
+    ];
+    for (what, opener, status) in &openers {
+        let wire = format!("{opener}{ambiguous}");
+        let (received, end) = exchange(&gw, wire.as_bytes()).await;
+        let text = String::from_utf8_lossy(&received);
+        assert!(end.closed(), "{what}: the connection stayed open: {text}");
+        let statuses: Vec<u16> = parse_responses(&received)
+            .iter()
+            .map(|r| r.status)
+            .collect();
+        assert_eq!(
+            statuses,
+            [*status],
+            "{what}: the opener is answered and the ambiguous request is not: {text}"
+        );
+        assert!(
+            !up.paths()
+                .iter()
+                .any(|p| p.contains("smuggled") || p.contains("clte")),
+            "{what}: {:?} reached the upstream",
+            up.paths()
+        );
+    }
+    still_serves(&gw, &up).await;
+}
