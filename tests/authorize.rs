@@ -299,7 +299,6 @@ async fn replayed_code_is_refused_and_revokes_its_tokens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exchange_errors() {
     let b = Browser::start().await;
-    let code = b.code_for("webapp", &[]).await;
     let other = format!("{}/second", b.callback);
     type Case<'a> = (
         &'a str,
@@ -344,7 +343,7 @@ async fn exchange_errors() {
             "invalid_grant",
         ),
         (
-            "another client",
+            "a client not allowed the grant",
             vec![
                 ("redirect_uri", b.callback.as_str()),
                 ("code_verifier", VERIFIER),
@@ -355,6 +354,7 @@ async fn exchange_errors() {
         ),
     ];
     for (what, extra, client, status, error) in cases {
+        let code = b.code_for("webapp", &[]).await;
         let mut form = vec![
             ("grant_type", "authorization_code"),
             ("code", code.as_str()),
@@ -364,15 +364,32 @@ async fn exchange_errors() {
         assert_eq!(response.status(), status, "{what}");
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"], error, "{what}: {body}");
+        // RFC 6749 §4.1.2: single use. A failed exchange spends the code; only a client
+        // not allowed the grant at all never reaches it.
+        let good = [
+            ("grant_type", "authorization_code"),
+            ("code", code.as_str()),
+            ("redirect_uri", b.callback.as_str()),
+            ("code_verifier", VERIFIER),
+        ];
+        let retried = b.exchange(Some(WEBAPP), &good).await;
+        if error == "unauthorized_client" {
+            assert_eq!(retried.status(), 200, "{what}");
+        } else {
+            let body = expect_error(retried, 400, "invalid_grant").await;
+            assert_eq!(
+                body["error_description"], "the authorization code was already used",
+                "{what}"
+            );
+        }
     }
-    // None of the failures used the code up: the right request still works...
+    let code = b.code_for("webapp", &[]).await;
     let good = [
         ("grant_type", "authorization_code"),
         ("code", code.as_str()),
         ("redirect_uri", b.callback.as_str()),
         ("code_verifier", VERIFIER),
     ];
-    assert_eq!(b.exchange(Some(WEBAPP), &good).await.status(), 200);
     // ...and a code past its lifetime (1 s in this config) does not.
     let late = b.code_for("webapp", &[]).await;
     tokio::time::sleep(std::time::Duration::from_millis(1300)).await;

@@ -48,6 +48,15 @@ fn basic(headers: &HeaderMap, name: &str) -> Result<Option<(String, String)>, Er
 }
 
 fn presented(headers: &HeaderMap, form: &Form) -> Result<Presented, Error> {
+    // One value per header: with two, which one authenticated would depend on which
+    // the code read (RFC 9110 §5.3 allows no list here).
+    for name in ["authorization", "authentication"] {
+        if headers.get_all(name).iter().nth(1).is_some() {
+            return Err(Error::InvalidRequest(
+                format!("more than one {name} header").into(),
+            ));
+        }
+    }
     let standard = basic(headers, "authorization")?;
     let covata = basic(headers, "authentication")?;
     let header =

@@ -52,7 +52,7 @@ pub enum CodeError {
     Invalid,
     /// Used before: the tokens issued from it are to be revoked.
     Replayed(Option<Uuid>),
-    /// The caller's check failed (redirect URI, PKCE); the code stays unused.
+    /// The caller's check failed (redirect URI, PKCE); the code is spent all the same.
     Rejected(Error),
 }
 
@@ -96,8 +96,11 @@ impl CodeStore {
         Ok(code)
     }
 
-    /// Redeems a code for `client_id`: runs `check` on its grant and, if that passes,
-    /// marks the code used.
+    /// Redeems a code for `client_id`: spends it, then runs `check` on its grant.
+    ///
+    /// Any attempt spends the code, failed ones included (RFC 6749 §4.1.2: single use):
+    /// a code presented by the wrong client, or with the wrong redirect URI or PKCE
+    /// verifier, has leaked or is being guessed at, and must not be tried again.
     pub fn redeem(
         &self,
         code: &str,
@@ -107,17 +110,14 @@ impl CodeStore {
         let Some(mut record) = self.codes.get_mut(&digest(code)) else {
             return Err(CodeError::Invalid);
         };
-        if &*record.grant.client_id != client_id {
-            return Err(CodeError::Invalid);
-        }
         if record.used {
             return Err(CodeError::Replayed(record.family));
         }
-        if record.expires_at <= now_millis() {
+        record.used = true;
+        if &*record.grant.client_id != client_id || record.expires_at <= now_millis() {
             return Err(CodeError::Invalid);
         }
         check(&record.grant).map_err(CodeError::Rejected)?;
-        record.used = true;
         Ok(record.grant.clone())
     }
 
@@ -177,15 +177,29 @@ mod tests {
     #[test]
     fn single_use_and_replay_reports_the_family() {
         let store = CodeStore::default();
-        let code = store
-            .issue(grant(), std::time::Duration::from_secs(60))
-            .unwrap();
+        let issue = || {
+            store
+                .issue(grant(), std::time::Duration::from_secs(60))
+                .unwrap()
+        };
+        // A failed attempt spends the code: the wrong client, or a failed check.
+        let code = issue();
         assert_eq!(
             store.redeem(&code, "other", |_| Ok(())).unwrap_err(),
             CodeError::Invalid
         );
+        assert_eq!(
+            store.redeem(&code, "spa", |_| Ok(())).unwrap_err(),
+            CodeError::Replayed(None)
+        );
+        let code = issue();
         let rejected = store.redeem(&code, "spa", |_| Err(Error::InvalidGrant("pkce".into())));
         assert!(matches!(rejected, Err(CodeError::Rejected(_))));
+        assert_eq!(
+            store.redeem(&code, "spa", |_| Ok(())).unwrap_err(),
+            CodeError::Replayed(None)
+        );
+        let code = issue();
         assert_eq!(
             store.redeem(&code, "spa", |_| Ok(())).unwrap().scope,
             "read"

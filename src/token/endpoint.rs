@@ -233,10 +233,8 @@ fn authorization_code(
                 "the authorization code is invalid or expired".into(),
             ))
         }
-        Err(CodeError::Replayed(family)) => {
-            if let Some(family) = family {
-                shared.tokens.revoke_family(family);
-            }
+        Err(CodeError::Replayed(Some(family))) => {
+            shared.tokens.revoke_family(family);
             tracing::warn!(
                 client_id = &*client.id,
                 "authorization code replayed; the tokens issued from it are revoked"
@@ -245,6 +243,12 @@ fn authorization_code(
                 "the authorization code was already used; the tokens issued from it are revoked"
                     .into(),
             ));
+        }
+        // Spent by an attempt that failed: nothing was issued from it.
+        Err(CodeError::Replayed(None)) => {
+            return Err(Error::InvalidGrant(
+                "the authorization code was already used".into(),
+            ))
         }
         Err(CodeError::Rejected(error)) => return Err(error),
     };
