@@ -173,6 +173,38 @@ pub struct UpstreamConfig {
     /// when a route lists several.
     #[serde(deserialize_with = "duration")]
     pub cooldown: Duration,
+    /// Which requests a pooled connection may carry: `"none"` (any) or `"principal"`
+    /// (only one principal's: a token's user and client, or the client address on
+    /// public routes), so no byte of one user's exchange can reach another's whatever
+    /// the upstream sends. Routes may override it.
+    pub pool_partition: PoolPartition,
+    /// Whether upstream connections are kept alive for further requests; `false` opens
+    /// a connection per request. Routes may override it.
+    pub keepalive: bool,
+}
+
+/// `pool_partition`: which requests one pooled upstream connection may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolPartition {
+    /// Any request to the same address.
+    #[default]
+    None,
+    /// Only requests of one principal.
+    Principal,
+}
+
+/// `escaped_slashes`: what a route does with `%2F` and `%5C` in a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EscapedSlashes {
+    /// 400: many upstream frameworks decode them into separators, and would then serve
+    /// another resource than the one the route authorised.
+    #[default]
+    Reject,
+    /// Forwarded as sent, matched as part of their segment (for APIs whose ids hold
+    /// slashes); still refused where decoding them would make a `.` or `..` segment.
+    Keep,
 }
 
 impl Default for UpstreamConfig {
@@ -184,6 +216,8 @@ impl Default for UpstreamConfig {
             pool_max_idle_per_host: 256,
             ca_file: None,
             cooldown: Duration::from_secs(10),
+            pool_partition: PoolPartition::None,
+            keepalive: true,
         }
     }
 }
@@ -389,6 +423,29 @@ pub struct RouteConfig {
     /// Put in front of the path before forwarding (after strip_prefix), e.g. "/v2".
     #[serde(default)]
     pub add_prefix: Option<String>,
+    /// Overrides `[upstream] pool_partition` for this route.
+    #[serde(default)]
+    pub pool_partition: Option<PoolPartition>,
+    /// Overrides `[upstream] keepalive` for this route.
+    #[serde(default)]
+    pub keepalive: Option<bool>,
+    /// Request headers that are dropped by default (names with `_`, and `X-Real-IP`,
+    /// `X-Original-URL` and the others some upstreams trust) but that this route's
+    /// upstream needs. Headers the gateway sets itself can never be passed.
+    #[serde(default)]
+    pub pass_headers: Vec<String>,
+    /// Match this route's pattern without regard to case, for upstreams that route that
+    /// way (Express does by default), so that `/ADMIN` cannot slip past an `/admin`
+    /// route to a catch-all.
+    #[serde(default = "yes")]
+    pub case_sensitive: bool,
+    /// `%2F` and `%5C` in the path: `"reject"` (400, the default) or `"keep"`.
+    #[serde(default)]
+    pub escaped_slashes: EscapedSlashes,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One upstream URL or several.
@@ -874,6 +931,27 @@ impl Config {
                     }
                 }
             }
+            for name in &route.pass_headers {
+                let lower = name.to_ascii_lowercase();
+                let problem = if http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+                    Some("is not a header name")
+                } else if crate::header_policy::is_owned(&lower) {
+                    Some("is set by the gateway itself and is never taken from the client")
+                } else if crate::upstream::is_hop_by_hop(lower.as_bytes())
+                    || matches!(lower.as_str(), "host" | "content-length" | "authorization")
+                {
+                    Some("is not an end-to-end header the route could pass (Authorization has forward_authorization)")
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    return Err(error(
+                        Some(route.path.span.clone()),
+                        format!("routes[{i}].pass_headers"),
+                        format!("`{name}` {problem}"),
+                    ));
+                }
+            }
             if route.public && (!route.roles.is_empty() || !route.scopes.is_empty()) {
                 return Err(error(
                     Some(route.path.span.clone()),
@@ -1023,6 +1101,25 @@ mod tests {
             (
                 format!("[[users]]\nusername = \"u\"\npassword = \"{hash}\"\nroles = []\n"),
                 "users[0].roles",
+            ),
+            // The gateway's own headers are never passed, in any spelling.
+            (
+                "[[routes]]\npath = \"/a\"\nupstream = \"http://127.0.0.1:1\"\n\
+                 pass_headers = [\"X_Authenticated_User\"]\n"
+                    .to_owned(),
+                "routes[0].pass_headers",
+            ),
+            (
+                "[[routes]]\npath = \"/a\"\nupstream = \"http://127.0.0.1:1\"\n\
+                 pass_headers = [\"Transfer-Encoding\"]\n"
+                    .to_owned(),
+                "routes[0].pass_headers",
+            ),
+            (
+                "[[routes]]\npath = \"/a\"\nupstream = \"http://127.0.0.1:1\"\n\
+                 pass_headers = [\"bad header\"]\n"
+                    .to_owned(),
+                "routes[0].pass_headers",
             ),
         ];
         for (text, key) in cases {

@@ -52,17 +52,20 @@ fn form_pairs(body: &[u8]) -> Vec<(String, String)> {
     serde_urlencoded::from_bytes::<Vec<(String, String)>>(body).unwrap_or_default()
 }
 
-/// Whether the request declares a form body (`charset` and other parameters allowed).
+/// Whether the request declares a form body (`charset` and other parameters allowed),
+/// in exactly one `Content-Type`.
 pub fn is_form(headers: &HeaderMap) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|media| {
-            media
-                .trim()
-                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-        })
+    let mut types = headers.get_all(CONTENT_TYPE).iter();
+    let (first, second) = (types.next(), types.next());
+    second.is_none()
+        && first
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|media| {
+                media
+                    .trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            })
 }
 
 /// Reads a form body of at most `limit` bytes within `deadline`.
@@ -146,6 +149,10 @@ mod tests {
                 .unwrap(),
         );
         assert!(is_form(&headers));
+        // Two types: which one the body is would depend on which is read.
+        let mut twice = headers.clone();
+        twice.append(CONTENT_TYPE, "application/json".parse().unwrap());
+        assert!(!is_form(&twice));
         headers.insert(CONTENT_TYPE, "application/json".parse().unwrap());
         assert!(!is_form(&headers));
         assert!(!is_form(&HeaderMap::new()));

@@ -24,7 +24,7 @@ use crate::credentials::{SecretCache, Verifier};
 use crate::directory::Directory;
 use crate::error::Error;
 use crate::lockout::Lockout;
-use crate::routes::{normalize_path, RouteTable};
+use crate::routes::{self, normalize_path, RouteTable};
 use crate::token::codes::CodeStore;
 use crate::token::lifecycle;
 use crate::token::TokenStore;
@@ -445,6 +445,7 @@ async fn own_endpoint(
     peer: &proxy::Peer,
 ) -> Result<Response<Body>, Error> {
     refuse_double_framing(&request)?;
+    proxy::checked_host(&request)?;
     let client_ip = || {
         proxy::client_ip(
             request.headers(),
@@ -480,13 +481,18 @@ async fn proxied(
     facts: &mut Facts,
 ) -> Result<Response<Body>, Error> {
     refuse_double_framing(&request)?;
+    let host = proxy::checked_host(&request)?;
     let path = normalize_path(uri.path())?;
-    let host = proxy::request_host(&request);
     let route = live
         .routes
         .find(request.method(), host.as_ref().and_then(host_name), &path)
         .ok_or_else(|| Error::NotFound("no route matches this request".into()))?;
     facts.route = Some(route.index);
+    if !route.keep_escaped_slashes && routes::has_escaped_slash(&path) {
+        return Err(Error::InvalidRequest(
+            "encoded slashes (%2F, %5C) are not accepted on this route".into(),
+        ));
+    }
     let identity = if route.public {
         None
     } else {

@@ -20,7 +20,10 @@ pub mod directory;
 pub mod error;
 pub mod form;
 pub mod framing;
+#[cfg(test)]
+mod fuzz;
 pub mod gateway;
+pub mod header_policy;
 pub mod lockout;
 pub mod pool;
 pub mod proxy;

@@ -24,7 +24,8 @@ use tokio::io::AsyncWriteExt;
 
 use crate::body::{self, Body};
 use crate::error::Error;
-use crate::pool::SendError;
+use crate::header_policy;
+use crate::pool::{Partition, SendError};
 use crate::routes::{Route, Target};
 use crate::token::Identity;
 use crate::upstream::{is_hop_by_hop, ResponseBody, WireError};
@@ -140,31 +141,22 @@ static X_TOKEN_ID: HeaderName = HeaderName::from_static("x-token-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Whether a client's request header stops at the gateway: hop-by-hop headers, copies
-/// of the gateway's own identity and `X-Forwarded-*` headers (and `Forwarded`, which
-/// would contradict them), `Host` (the upstream gets its own authority; the client's is
-/// in `X-Forwarded-Host`), `Expect` (hyper answers a 100-continue when the body is
-/// first read, which the gateway does right after writing the upstream head; the
-/// upstream's own 100 would only be skipped) and, unless the route forwards it,
-/// `Authorization`.
+/// Whether a client's request header stops at the gateway whatever the route passes:
+/// hop-by-hop headers, the gateway's own identity and `X-Forwarded-*` headers in any
+/// spelling (and `Forwarded`, which would contradict them; see [`header_policy`]),
+/// `Host` (the upstream gets its own authority; the client's is in
+/// `X-Forwarded-Host`), `Expect` (hyper answers a 100-continue when the body is first
+/// read, which the gateway does right after writing the upstream head; the upstream's
+/// own 100 would only be skipped) and, unless the route forwards it, `Authorization`.
 fn is_dropped_request_header(name: &HeaderName, forward_authorization: bool) -> bool {
     match name.as_str() {
-        "x-authenticated-user"
-        | "x-authenticated-client"
-        | "x-authenticated-roles"
-        | "x-authenticated-scope"
-        | "x-token-id"
-        | "x-forwarded-for"
-        | "x-forwarded-proto"
-        | "x-forwarded-host"
-        | "forwarded"
-        | "host"
+        "host"
         | "expect"
         // The client's trailers stay behind (see upstream::Upload), so their
         // announcement does too.
         | "trailer" => true,
         "authorization" => !forward_authorization,
-        _ => is_hop_by_hop(name.as_str().as_bytes()),
+        name => is_hop_by_hop(name.as_bytes()) || header_policy::is_owned(name),
     }
 }
 
@@ -223,6 +215,10 @@ pub struct Origin<'a> {
 /// entries cost more than the rest of the rewrite together.
 pub struct HeaderRewrite<'a> {
     forward_authorization: bool,
+    /// Headers dropped by default that the route passes.
+    pass: &'a [HeaderName],
+    /// Whether the upstream connection may be kept for further requests.
+    keepalive: bool,
     /// Names the client's `Connection` header lists: hop-by-hop by its say-so. Only
     /// those not dropped anyway: browsers send `keep-alive` on every request.
     connection_named: Vec<HeaderName>,
@@ -244,7 +240,7 @@ impl<'a> HeaderRewrite<'a> {
         headers: &HeaderMap,
         original_host: Option<HeaderValue>,
         identity: Option<&'a Identity>,
-        route: &Route,
+        route: &'a Route,
         origin: &Origin<'a>,
     ) -> HeaderRewrite<'a> {
         let peer = origin.peer.addr.ip();
@@ -278,6 +274,8 @@ impl<'a> HeaderRewrite<'a> {
             .collect();
         HeaderRewrite {
             forward_authorization: route.forward_authorization,
+            pass: &route.pass_headers,
+            keepalive: route.keepalive,
             connection_named,
             connection_upgrade,
             identity,
@@ -298,9 +296,15 @@ impl<'a> HeaderRewrite<'a> {
         self.upgrade.is_some()
     }
 
+    /// Whether the upstream connection may carry further requests afterwards.
+    pub fn keeps_alive(&self) -> bool {
+        self.keepalive
+    }
+
     /// Whether the client's header `name` stays behind.
     fn drops(&self, name: &HeaderName) -> bool {
         is_dropped_request_header(name, self.forward_authorization)
+            || (header_policy::is_dropped_by_default(name.as_str()) && !self.pass.contains(name))
             || (!self.connection_named.is_empty() && self.connection_named.contains(name))
     }
 
@@ -309,12 +313,24 @@ impl<'a> HeaderRewrite<'a> {
     /// the client sent a `Content-Length`.
     pub fn write(&self, headers: &HeaderMap, out: &mut BytesMut) -> bool {
         let mut declared_length = false;
+        let mut cookies_written = false;
         for (name, value) in headers {
             if name == header::CONTENT_LENGTH {
                 declared_length = true;
+            } else if name == header::COOKIE {
+                // HTTP/2 clients send each cookie as a field of its own (RFC 9113
+                // §8.2.3); an HTTP/1.1 upstream expects one field, joined with "; ".
+                if !cookies_written {
+                    cookies_written = true;
+                    write_cookies(out, headers);
+                }
             } else if !self.drops(name) {
                 put_header(out, name, value);
             }
+        }
+        // An upgrade's connection becomes a tunnel, never pooled either way.
+        if !self.keepalive && self.upgrade.is_none() {
+            out.extend_from_slice(b"connection: close\r\n");
         }
         if let Some(identity) = self.identity {
             if let Some(user) = &identity.user_header {
@@ -339,6 +355,18 @@ impl<'a> HeaderRewrite<'a> {
     }
 }
 
+/// Writes the request's cookies as one `cookie` line.
+fn write_cookies(out: &mut BytesMut, headers: &HeaderMap) {
+    out.extend_from_slice(b"cookie: ");
+    for (i, value) in headers.get_all(header::COOKIE).iter().enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b"; ");
+        }
+        out.extend_from_slice(value.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Writes one `name: value` header line.
 pub fn put_header(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
     out.extend_from_slice(name.as_str().as_bytes());
@@ -355,6 +383,42 @@ pub fn request_host<B>(request: &Request<B>) -> Option<HeaderValue> {
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     })
+}
+
+/// The Host the client addressed, checked as RFC 9112 §3.2 and RFC 9113 §8.3.1 ask:
+/// at most one `Host`, a valid authority without user information, required on
+/// HTTP/1.1, and the same as the target's authority when both are given (an
+/// absolute-form target, or HTTP/2's `:authority`), so that the gateway and an upstream
+/// can never disagree on which host a request is for.
+pub fn checked_host<B>(request: &Request<B>) -> Result<Option<HeaderValue>, Error> {
+    let bad = |why: &'static str| Err(Error::InvalidRequest(why.into()));
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return bad("a request may carry only one Host header");
+    }
+    let authority = request.uri().authority();
+    match (host, authority) {
+        (Some(host), authority) => {
+            let valid = http::uri::Authority::try_from(host.as_bytes())
+                .is_ok_and(|a| !a.as_str().contains('@') && !a.host().is_empty());
+            if !valid {
+                return bad("the Host header is not a valid host");
+            }
+            if authority.is_some_and(|a| {
+                !a.as_str()
+                    .eq_ignore_ascii_case(host.to_str().unwrap_or_default())
+            }) {
+                return bad("the Host header differs from the request target's authority");
+            }
+            Ok(Some(host.clone()))
+        }
+        (None, Some(authority)) => Ok(HeaderValue::from_str(authority.as_str()).ok()),
+        (None, None) if request.version() == Version::HTTP_11 => {
+            bad("an HTTP/1.1 request needs a Host header")
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 /// The origin-form target (`/path?query`) sent to an upstream address. When the path
@@ -381,31 +445,34 @@ fn upstream_uri(
     Ok(Uri::from(path_and_query))
 }
 
-/// The gateway's error for a failed upstream exchange: 413 when the body passed the
-/// route's limit on its way, 504 when the connect deadline passed, else 502.
-fn classify(error: &(dyn std::error::Error + 'static), connect: bool, route: &Route) -> Error {
-    let mut source = Some(error);
-    while let Some(e) = source {
-        if e.is::<BodyTooLarge>() {
-            return too_large(route.max_request_body.unwrap_or_default());
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return Error::GatewayTimeout(
-                    format!(
-                        "the upstream did not accept a connection within {:?}",
-                        route.connect_timeout
-                    )
-                    .into(),
-                );
-            }
-        }
-        source = e.source();
+/// The gateway's error for a failed connect: 504 when the connect deadline passed,
+/// else 502.
+fn connect_failed(error: &std::io::Error, route: &Route) -> Error {
+    if error.kind() == std::io::ErrorKind::TimedOut {
+        return Error::GatewayTimeout(
+            format!(
+                "the upstream did not accept a connection within {:?}",
+                route.connect_timeout
+            )
+            .into(),
+        );
     }
-    if connect {
-        Error::BadGateway("the upstream is unreachable".into())
-    } else {
-        Error::BadGateway("the upstream failed to answer".into())
+    Error::BadGateway("the upstream is unreachable".into())
+}
+
+/// The gateway's error for a failed exchange: the client's own body is the client's
+/// fault (413 past the route's limit, 400 when it is malformed or ends early); anything
+/// else is the upstream's (504 for a connect deadline on a retry, else 502).
+fn exchange_failed(error: &WireError, route: &Route) -> Error {
+    match error {
+        WireError::Body(cause) if cause.is::<BodyTooLarge>() => {
+            too_large(route.max_request_body.unwrap_or_default())
+        }
+        WireError::Body(cause) => {
+            Error::InvalidRequest(format!("the request body could not be read: {cause}").into())
+        }
+        WireError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => connect_failed(io, route),
+        _ => Error::BadGateway("the upstream failed to answer".into()),
     }
 }
 
@@ -422,10 +489,14 @@ async fn send(
     request: Request<RequestBody>,
     rewrite: &HeaderRewrite<'_>,
     deadline: tokio::time::Instant,
+    partition: Option<&Partition>,
 ) -> Result<Response<ResponseBody>, Failure> {
     // response_timeout also bounds a stall of the upload after an early answer.
     let stall = route.response_timeout;
-    match tokio::time::timeout_at(deadline, target.pool.send(request, rewrite, stall)).await {
+    let sent = target
+        .pool
+        .send(request, rewrite, stall, partition.cloned());
+    match tokio::time::timeout_at(deadline, sent).await {
         Err(_) => Err(Failure::TimedOut),
         Ok(Err(SendError::Connect(error, request))) => Err(Failure::Connect(error, request)),
         Ok(Err(SendError::Request(error))) => Err(Failure::Other(error)),
@@ -497,10 +568,29 @@ pub async fn forward(
     *forwarded.method_mut() = parts.method;
     *forwarded.headers_mut() = parts.headers;
 
+    let partition = route.partitioned.then(|| match identity {
+        Some(identity) => Partition::Principal {
+            user: identity.username.clone(),
+            client: identity.client_id.clone(),
+        },
+        None => Partition::Address(client_ip(
+            forwarded.headers(),
+            origin.peer.addr.ip(),
+            origin.trusted_proxies,
+        )),
+    });
     let deadline = tokio::time::Instant::now() + route.response_timeout;
     let target = route.pick(None);
     *forwarded.uri_mut() = upstream_uri(&route.targets[target].url, &path, original)?;
-    let mut outcome = send(route, &route.targets[target], forwarded, &rewrite, deadline).await;
+    let mut outcome = send(
+        route,
+        &route.targets[target],
+        forwarded,
+        &rewrite,
+        deadline,
+        partition.as_ref(),
+    )
+    .await;
     if let Err(Failure::Connect(error, mut unsent)) = outcome {
         route.targets[target].mark_down(route.cooldown);
         outcome = if route.targets.len() > 1 {
@@ -512,7 +602,15 @@ pub async fn forward(
                 "upstream connect failed before the request was sent; retrying on the next address"
             );
             *unsent.uri_mut() = upstream_uri(&route.targets[next].url, &path, original)?;
-            let retried = send(route, &route.targets[next], *unsent, &rewrite, deadline).await;
+            let retried = send(
+                route,
+                &route.targets[next],
+                *unsent,
+                &rewrite,
+                deadline,
+                partition.as_ref(),
+            )
+            .await;
             if let Err(Failure::Connect(_, _)) = &retried {
                 route.targets[next].mark_down(route.cooldown);
             }
@@ -522,8 +620,8 @@ pub async fn forward(
         };
     }
     let response = outcome.map_err(|failure| match failure {
-        Failure::Connect(error, _) => classify(&error, true, route),
-        Failure::Other(error) => classify(&error, false, route),
+        Failure::Connect(error, _) => connect_failed(&error, route),
+        Failure::Other(error) => exchange_failed(&error, route),
         Failure::TimedOut => Error::GatewayTimeout(
             format!(
                 "the upstream did not answer within {:?}",

@@ -4,8 +4,12 @@
 //! upstream receives, so the gateway and the upstream can never disagree on which
 //! resource a request names: percent-encoded unreserved characters are decoded (RFC 3986
 //! §6.2.2.2), `//` collapses to `/`, and anything an upstream might read as a different
-//! path (`.` and `..` segments, `;` path parameters, `\`, their encoded forms, NUL) is
-//! refused. `%2F` stays encoded and so never splits a segment.
+//! path (`.` and `..` segments, `;` path parameters, `\`, NUL, and their encoded forms)
+//! is refused. `%2F` and `%5C` stay encoded and so never split a segment here; since
+//! many upstream frameworks decode them into separators, a route refuses them unless it
+//! sets `escaped_slashes = "keep"`, and a `.` or `..` between them is refused always.
+//! `%25` stays encoded: a double encoding such as `%252e` reaches the upstream as sent,
+//! as a literal `%2e` after one decoding, never as a dot.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -107,10 +111,16 @@ impl Pattern {
                 return false;
             }
         }
-        theirs.next().is_none()
+        // What is left of theirs: nothing, or the trailing slash this pattern takes too.
+        match theirs.next() {
+            None => true,
+            Some(Segment::Literal(l)) if l.is_empty() => theirs.next().is_none(),
+            Some(_) => false,
+        }
     }
 
-    /// Whether a normalised path (starting with '/', no query) matches.
+    /// Whether a normalised path (starting with '/', no query) matches. A pattern
+    /// without a trailing slash also matches its path with one (see [`RouteTable`]).
     pub fn matches(&self, path: &str) -> bool {
         let mut parts = path[1..].split('/');
         for segment in &self.segments {
@@ -126,7 +136,11 @@ impl Pattern {
                 },
             }
         }
-        parts.next().is_none()
+        match parts.next() {
+            None => true,
+            Some("") => parts.next().is_none(),
+            Some(_) => false,
+        }
     }
 }
 
@@ -161,6 +175,9 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, Error> {
     for (i, &b) in bytes.iter().enumerate() {
         match b {
             b'\\' => return Err(bad_path("the path may not contain '\\'")),
+            // A URI never holds these; refusing them here keeps the function's contract
+            // whoever calls it.
+            0..=0x1f | 0x7f => return Err(bad_path("the path may not contain control characters")),
             b';' => return Err(bad_path("the path may not contain ';' parameters")),
             b'%' => clean = false,
             b'/' if bytes.get(i + 1) == Some(&b'/') => clean = false,
@@ -174,7 +191,8 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, Error> {
         return Ok(Cow::Borrowed(raw));
     }
 
-    let mut out = String::with_capacity(raw.len());
+    // Bytes, not chars: only ASCII is ever replaced, so UTF-8 text passes unchanged.
+    let mut out: Vec<u8> = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
@@ -188,33 +206,61 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, Error> {
             let decoded = h * 16 + l;
             match decoded {
                 0 => return Err(bad_path("the path may not contain NUL")),
-                b'\\' => return Err(bad_path("the path may not contain '\\'")),
                 b';' => return Err(bad_path("the path may not contain ';' parameters")),
-                _ if is_unreserved(decoded) => out.push(decoded as char),
-                _ => {
-                    out.push('%');
-                    out.push(char::from(bytes[i + 1]).to_ascii_uppercase());
-                    out.push(char::from(bytes[i + 2]).to_ascii_uppercase());
-                }
+                _ if is_unreserved(decoded) => out.push(decoded),
+                _ => out.extend_from_slice(&[
+                    b'%',
+                    bytes[i + 1].to_ascii_uppercase(),
+                    bytes[i + 2].to_ascii_uppercase(),
+                ]),
             }
             i += 3;
         } else {
-            if !(b == b'/' && out.ends_with('/')) {
-                out.push(b as char);
+            if !(b == b'/' && out.last() == Some(&b'/')) {
+                out.push(b);
             }
             i += 1;
         }
     }
-    // Decoding may have produced dot segments ("%2e%2E").
-    if out
-        .as_bytes()
-        .iter()
-        .enumerate()
-        .any(|(i, &b)| b == b'.' && is_dot_segment(out.as_bytes(), i))
-    {
+    // Decoding may have produced dot segments ("%2e%2E"), and an upstream that decodes
+    // `%2F` and `%5C` would see them between those too ("..%2F").
+    if has_dot_segment(&out) {
         return Err(bad_path("the path may not contain '.' or '..' segments"));
     }
-    Ok(Cow::Owned(out))
+    String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|_| bad_path("the path is not UTF-8"))
+}
+
+/// Whether a normalised path holds `%2F` or `%5C` (normalisation writes hex upper-case).
+pub fn has_escaped_slash(path: &str) -> bool {
+    memchr::memmem::find(path.as_bytes(), b"%2F").is_some()
+        || memchr::memmem::find(path.as_bytes(), b"%5C").is_some()
+}
+
+/// Whether a `.` or `..` segment appears when `/`, `%2F` and `%5C` all separate
+/// segments, as they do for an upstream that decodes the encoded ones.
+fn has_dot_segment(path: &[u8]) -> bool {
+    let mut start = 0;
+    let mut i = 0;
+    let is_dots = |segment: &[u8]| segment == b"." || segment == b"..";
+    while i < path.len() {
+        let separator = match path[i] {
+            b'/' => 1,
+            b'%' if matches!(path.get(i + 1..i + 3), Some(b"2F" | b"5C")) => 3,
+            _ => 0,
+        };
+        if separator > 0 {
+            if is_dots(&path[start..i]) {
+                return true;
+            }
+            i += separator;
+            start = i;
+        } else {
+            i += 1;
+        }
+    }
+    is_dots(&path[start..])
 }
 
 /// Whether the '.' at `i` starts a "." or ".." segment.
@@ -224,6 +270,27 @@ fn is_dot_segment(bytes: &[u8], i: usize) -> bool {
     }
     let end = |j: usize| j >= bytes.len() || bytes[j] == b'/';
     end(i + 1) || (bytes.get(i + 1) == Some(&b'.') && end(i + 2))
+}
+
+/// A path as case-insensitive routes see it: ASCII letters lower-cased (what Express
+/// and other case-insensitive routers compare).
+fn fold(path: &str) -> Cow<'_, str> {
+    if path.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(path.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(path)
+    }
+}
+
+/// A pattern's segments with their literals lower-cased.
+fn fold_segments(segments: &[Segment]) -> Vec<Segment> {
+    segments
+        .iter()
+        .map(|segment| match segment {
+            Segment::Literal(text) => Segment::Literal(text.to_ascii_lowercase().into()),
+            other => other.clone(),
+        })
+        .collect()
 }
 
 /// One address of a route's upstream, with its passive health.
@@ -282,6 +349,16 @@ pub struct Route {
     pub cooldown: Duration,
     /// Largest forwarded request body; `None` for no limit.
     pub max_request_body: Option<u64>,
+    /// A pooled upstream connection carries only one principal's requests.
+    pub partitioned: bool,
+    /// Upstream connections are kept alive for further requests.
+    pub keepalive: bool,
+    /// Headers dropped by default that this route passes on.
+    pub pass_headers: Vec<http::HeaderName>,
+    /// The pattern is matched case-sensitively.
+    pub case_sensitive: bool,
+    /// `%2F` and `%5C` in the path are forwarded rather than refused.
+    pub keep_escaped_slashes: bool,
 }
 
 impl Route {
@@ -365,13 +442,23 @@ impl Node {
 
 /// The routes of a configuration, compiled into a trie of path segments.
 ///
+/// A pattern names its path with or without one trailing slash (`/admin` matches
+/// `/admin/`, `/admin/*` matches `/admin/x/`), as most upstream routers do (Express,
+/// and Flask's path converters): otherwise `/admin/` could miss a protected `/admin`
+/// route, fall to a public catch-all, and be served by the upstream as `/admin`. A
+/// pattern written with a trailing slash (`/a/`) still names only that path.
+///
 /// A lookup walks the path once, following the literal child and the `*` child of each
 /// node, and keeps the lowest route index that also accepts the method and host: the
-/// first match in file order, without scanning every route or allocating.
+/// first match in file order, without scanning every route or allocating. Routes
+/// matched without regard to case have a trie of their own, of lower-case literals,
+/// walked with the lower-cased path; the lowest index of both walks wins.
 #[derive(Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
     root: Node,
+    /// The case-insensitive routes, when there are any.
+    folded: Option<Node>,
     /// Each upstream connection pool once, however many routes name its address.
     pools: Vec<Arc<Pool>>,
 }
@@ -405,11 +492,18 @@ impl RouteTable {
         let mut connectors = HashMap::new();
         let mut pools: HashMap<(http::Uri, Duration), Arc<Pool>> = HashMap::new();
         let mut root = Node::default();
+        let mut folded: Option<Node> = None;
         let routes = routes
             .iter()
             .enumerate()
             .map(|(index, r)| {
-                root.insert(&r.path.segments, index);
+                if r.case_sensitive {
+                    root.insert(&r.path.segments, index);
+                } else {
+                    folded
+                        .get_or_insert_with(Node::default)
+                        .insert(&fold_segments(&r.path.segments), index);
+                }
                 let connect_timeout = r.connect_timeout.unwrap_or(defaults.connect_timeout);
                 let mut pool_for = |url: &UpstreamUrl| {
                     let key = (url.origin.clone(), connect_timeout);
@@ -460,6 +554,19 @@ impl RouteTable {
                     response_timeout: r.response_timeout.unwrap_or(defaults.response_timeout),
                     cooldown: defaults.cooldown,
                     max_request_body: r.max_request_body,
+                    partitioned: r.pool_partition.unwrap_or(defaults.pool_partition)
+                        == crate::config::PoolPartition::Principal,
+                    keepalive: r.keepalive.unwrap_or(defaults.keepalive),
+                    // Checked when the configuration was read.
+                    pass_headers: r
+                        .pass_headers
+                        .iter()
+                        .filter_map(|name| {
+                            http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).ok()
+                        })
+                        .collect(),
+                    case_sensitive: r.case_sensitive,
+                    keep_escaped_slashes: r.escaped_slashes == crate::config::EscapedSlashes::Keep,
                 }
             })
             .collect();
@@ -467,6 +574,7 @@ impl RouteTable {
         RouteTable {
             routes,
             root,
+            folded,
             pools,
         }
     }
@@ -480,6 +588,10 @@ impl RouteTable {
     pub fn find(&self, method: &Method, host: Option<&str>, path: &str) -> Option<&Route> {
         let mut best = None;
         self.walk(&self.root, Some(&path[1..]), method, host, &mut best);
+        if let Some(folded) = &self.folded {
+            let lower = fold(path);
+            self.walk(folded, Some(&lower[1..]), method, host, &mut best);
+        }
         best.map(|i| &self.routes[i])
     }
 
@@ -496,6 +608,10 @@ impl RouteTable {
             best_of(&node.end, &self.routes, method, host, best);
             return;
         };
+        if rest.is_empty() {
+            // A trailing slash: the path also names the one without it.
+            best_of(&node.end, &self.routes, method, host, best);
+        }
         let (segment, tail) = match rest.split_once('/') {
             Some((segment, tail)) => (segment, Some(tail)),
             None => (rest, None),
@@ -562,8 +678,10 @@ mod tests {
 
         let view = p("/api/v1/objects/*/view");
         assert!(view.matches("/api/v1/objects/7/view"));
-        assert!(!view.matches("/api/v1/objects/7/view/"));
+        // One trailing slash names the same resource for most upstream routers.
+        assert!(view.matches("/api/v1/objects/7/view/"));
         assert!(!view.matches("/api/v1/objects/7/view/x"));
+        assert!(!view.matches("/api/v1/objects/7/"));
 
         let all = p("/**");
         assert!(all.matches("/"));
@@ -602,6 +720,15 @@ mod tests {
         assert_eq!(normalize_path("/a%20b").unwrap(), "/a%20b");
         assert_eq!(normalize_path("/a/.../b").unwrap(), "/a/.../b");
         assert_eq!(normalize_path("/a/..b").unwrap(), "/a/..b");
+        // Encoded slashes stay encoded (upper-case) for the route to accept or refuse.
+        assert_eq!(normalize_path("/a%5cb%2fc").unwrap(), "/a%5Cb%2Fc");
+        assert!(has_escaped_slash("/a%5Cb") && has_escaped_slash("/a%2Fb"));
+        assert!(!has_escaped_slash("/a%25b") && !has_escaped_slash("/a/b"));
+        // A double encoding is not decoded twice: `%252e` stays what it is.
+        assert_eq!(
+            normalize_path("/a/%252e%252e/b").unwrap(),
+            "/a/%252e%252e/b"
+        );
         let long = format!("/{}", "a/".repeat(10_000));
         assert_eq!(normalize_path(&long).unwrap(), long);
         for bad in [
@@ -613,7 +740,12 @@ mod tests {
             "/a;x=1/b",
             "/a/b%3bc",
             "/a\\b",
-            "/a%5cb",
+            // A `.` or `..` between encoded slashes, which an upstream may decode.
+            "/public/..%2fadmin",
+            "/public/..%5Cadmin",
+            "/a/%2E%2E%2Fb",
+            "/a%2F..",
+            "/a%2F.%2Fb",
             "/a%00",
             "/a%2",
             "/a%zz",
@@ -743,6 +875,8 @@ mod tests {
         assert!(!covers("/api/*", "/api/**"));
         assert!(!covers("/api/*", "/api/"));
         assert!(!covers("/api/x", "/api/*"));
+        assert!(covers("/api/x", "/api/x/"));
+        assert!(!covers("/api/x/", "/api/x"));
         assert!(!covers("/api/v1/*", "/api/**"));
         let (config, _) = table(
             r#"

@@ -209,7 +209,7 @@ pub async fn serve(
     }
     let background = [
         tokio::spawn(sweep(shared.clone())),
-        tokio::spawn(close_idle_upstream_connections(shared.clone())),
+        tokio::spawn(watch_idle_upstream_connections(shared.clone())),
         tokio::spawn(watch_certificate(shared.clone())),
         tokio::spawn(snapshots(shared.clone())),
     ];
@@ -456,17 +456,37 @@ async fn sweep(shared: Arc<Shared>) {
     }
 }
 
-/// Closes upstream connections idle past `[upstream] pool_idle_timeout`, checking four
-/// times per timeout so none outlives it by more than a quarter.
-async fn close_idle_upstream_connections(shared: Arc<Shared>) {
+/// Watches the idle upstream connections of every pool: closes one as soon as anything
+/// arrives on it (see [`crate::pool::Pool::poll_watch`]), and those idle past
+/// `[upstream] pool_idle_timeout`, checking four times per timeout so none outlives it
+/// by more than a quarter. Connections pooled since the last look are taken into the
+/// watch at least every [`WATCH_PERIOD`].
+async fn watch_idle_upstream_connections(shared: Arc<Shared>) {
+    let mut next_eviction = Instant::now();
     loop {
-        let timeout = shared.live().config.upstream.pool_idle_timeout;
-        tokio::time::sleep((timeout / 4).max(Duration::from_millis(250))).await;
-        for pool in shared.live().routes.pools() {
-            pool.evict_idle();
+        let live = shared.live();
+        let timeout = live.config.upstream.pool_idle_timeout;
+        let tick = tokio::time::sleep(WATCH_PERIOD);
+        tokio::pin!(tick);
+        std::future::poll_fn(|cx| {
+            for pool in live.routes.pools() {
+                pool.poll_watch(cx);
+            }
+            tick.as_mut().poll(cx)
+        })
+        .await;
+        if Instant::now() >= next_eviction {
+            for pool in live.routes.pools() {
+                pool.evict_idle();
+            }
+            next_eviction = Instant::now() + (timeout / 4).max(Duration::from_millis(250));
         }
     }
 }
+
+/// How often connections pooled since the last look join the idle watch. One that is
+/// taken again sooner is checked on its socket when taken.
+const WATCH_PERIOD: Duration = Duration::from_millis(100);
 
 /// Writes the token snapshot every `snapshot_interval`, so a crash loses little.
 async fn snapshots(shared: Arc<Shared>) {

@@ -24,14 +24,14 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode, Version};
 use hyper::body::{Body as _, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 
 use crate::config::UpstreamUrl;
-use crate::pool::Pool;
+use crate::pool::{Partition, Pool};
 use crate::proxy::{put_header, HeaderRewrite, RequestBody};
 
 /// Any error, boxed.
@@ -122,36 +122,130 @@ pub struct Conn {
     io: Io,
     /// Bytes read and not yet used; empty between exchanges.
     buf: BytesMut,
+    /// How long the upstream took to answer this connection's last two requests.
+    answer_times: AnswerTimes,
+}
+
+/// The longest a connection waits in its pool, after an exchange, before it is used
+/// again (see [`ResponseBody::settle`]).
+pub const MAX_SETTLE: Duration = Duration::from_millis(250);
+
+/// Below this, answers sooner than usual are the noise of a fast upstream, not an answer
+/// that was waiting: resting a connection for less would catch nothing.
+const MIN_SETTLE_GAP: Duration = Duration::from_millis(1);
+
+/// How long an upstream took to answer a connection's last two requests (until the
+/// first byte), oldest first.
+#[derive(Clone, Copy, Debug, Default)]
+struct AnswerTimes([Duration; 2]);
+
+impl AnswerTimes {
+    /// With an answer that took `latest`: the times after it, and how long the
+    /// connection should rest before its next request (see [`ResponseBody::settle`]).
+    fn after(self, latest: Duration) -> (AnswerTimes, Duration) {
+        let expected = self.0[0].max(self.0[1]);
+        let settle = if latest < expected / 2 && expected - latest >= MIN_SETTLE_GAP {
+            (2 * (expected - latest)).min(MAX_SETTLE)
+        } else {
+            Duration::ZERO
+        };
+        (AnswerTimes([self.0[1], latest]), settle)
+    }
 }
 
 impl Conn {
     fn new(io: Io) -> Conn {
+        Conn::with_history(io, BytesMut::new(), AnswerTimes::default())
+    }
+
+    fn with_history(io: Io, buf: BytesMut, answer_times: AnswerTimes) -> Conn {
         Conn {
             io,
-            buf: BytesMut::new(),
+            buf,
+            answer_times,
         }
     }
 
     /// Whether an idle connection can carry another request: not closed by the
-    /// upstream, and not holding bytes nobody asked for. Looks without waiting.
+    /// upstream, and holding no byte nobody asked for, whether in this process, in the
+    /// TLS session or still in the kernel. Looks without waiting.
+    ///
+    /// The socket itself is asked (`MSG_PEEK`), not tokio's cached readiness: that is
+    /// updated only when the runtime next polls the kernel, so under load it can say
+    /// "nothing" about bytes that have already arrived, and an answer the upstream sent
+    /// unasked would then be read as the next request's, perhaps another user's.
     pub fn is_reusable(&mut self) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let mut byte = [0u8; 1];
-        let mut probe = ReadBuf::new(&mut byte);
-        // Pending is the only good answer: end of stream, an error or unasked-for bytes
-        // all mean the connection is done.
-        Pin::new(&mut self.io)
-            .poll_read(&mut cx, &mut probe)
-            .is_pending()
+        match &mut self.io {
+            Either::Left(tcp) => socket_is_quiet(tcp),
+            Either::Right(tls) => {
+                let (tcp, session) = tls.get_mut();
+                tls_is_quiet(tcp, session)
+            }
+        }
     }
+
+    /// The socket's read readiness, registering `cx` to be woken when something (bytes,
+    /// a close) arrives: how an idle connection is watched.
+    pub(crate) fn poll_stirred(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.tcp().poll_read_ready(cx).map(|_| ())
+    }
+
+    /// Forgets a read readiness that [`Conn::is_reusable`] found to hold nothing (a TLS
+    /// session ticket, say), so the next [`Conn::poll_stirred`] waits for a new event.
+    pub(crate) fn settle(&self) {
+        let _ = self.tcp().try_io(tokio::io::Interest::READABLE, || {
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match &self.io {
+            Either::Left(tcp) => tcp,
+            Either::Right(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+/// Whether the kernel holds nothing for `tcp`: no byte and no end of stream.
+fn socket_is_quiet(tcp: &TcpStream) -> bool {
+    let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+    matches!(
+        socket2::SockRef::from(tcp).peek(&mut byte),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock
+    )
+}
+
+/// Whether a TLS connection holds no answer: TLS records that came while it was idle
+/// are read into the session (they may be session tickets or key updates, which are
+/// no answer), and it is quiet when they hold no application data and no close, and
+/// nothing more waits in the kernel.
+fn tls_is_quiet(tcp: &TcpStream, session: &mut rustls::ClientConnection) -> bool {
+    let socket = socket2::SockRef::from(tcp);
+    let mut quiet = false;
+    // A handful of records at most; more is not what an idle connection receives.
+    for _ in 0..4 {
+        match session.read_tls(&mut &*socket) {
+            Ok(0) => return false,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                quiet = true;
+                break;
+            }
+            Err(_) => return false,
+        }
+    }
+    quiet
+        && session
+            .process_new_packets()
+            .is_ok_and(|state| state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed())
 }
 
 /// How a message's body is delimited.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Framing {
+pub(crate) enum Framing {
     /// This many bytes remain.
     Length(u64),
     /// Chunked transfer coding, at this point of it.
@@ -166,7 +260,7 @@ enum Framing {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Chunk {
+pub(crate) enum Chunk {
     /// Expecting a chunk-size line.
     Size,
     /// This many bytes of chunk data remain.
@@ -406,8 +500,8 @@ pub struct Head {
     pub status: StatusCode,
     /// End-to-end headers: the hop-by-hop ones, and those `Connection` names, are gone.
     pub headers: HeaderMap,
-    framing: Framing,
-    keep_alive: bool,
+    pub(crate) framing: Framing,
+    pub(crate) keep_alive: bool,
 }
 
 /// Whether a header is hop-by-hop (RFC 9110 §7.6.1) or for proxies only: one list for
@@ -434,7 +528,7 @@ type Line = [u32; 4];
 
 /// Parses a response head at the start of `buf`; `None` when more bytes are needed.
 /// The head's bytes are taken from `buf`, and header values share them.
-fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireError> {
+pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireError> {
     let mut lines: [Line; MAX_HEADERS] = [[0; 4]; MAX_HEADERS];
     let (len, code, minor, count) = {
         let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -472,6 +566,11 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireE
         }
     };
     let bytes = buf.split_to(len).freeze();
+    // RFC 9110 §15: three digits, 100 to 599; what lies beyond has no meaning a client
+    // could be given.
+    if !(100..=599).contains(&code) {
+        return Err(WireError::Malformed("status code outside 100-599"));
+    }
     let status = StatusCode::from_u16(code).map_err(|_| WireError::Malformed("bad status"))?;
     let version = if minor == 0 {
         Version::HTTP_10
@@ -607,8 +706,11 @@ pub struct Exchange {
     /// The whole request, for a request that may be sent again: idempotent and
     /// bodiless.
     replayable: Option<Bytes>,
-    /// Whether any byte of a response has arrived.
-    heard: bool,
+    /// When the first byte of a response arrived.
+    heard: Option<std::time::Instant>,
+    /// Whether the connection may carry another request afterwards (a route may want
+    /// a new connection for every request).
+    reuse: bool,
 }
 
 /// A request that failed before any byte of an answer came back, and that may be
@@ -618,6 +720,7 @@ pub struct Replay {
     head: Bytes,
     method: Method,
     upgrade: bool,
+    reuse: bool,
 }
 
 /// A failed exchange.
@@ -650,7 +753,8 @@ impl Exchange {
             method: parts.method,
             upgrade: rewrite.upgrades(),
             replayable,
-            heard: false,
+            heard: None,
+            reuse: rewrite.keeps_alive(),
         }
     }
 
@@ -663,7 +767,8 @@ impl Exchange {
             upgrade: replay.upgrade,
             // Once is enough.
             replayable: None,
-            heard: false,
+            heard: None,
+            reuse: replay.reuse,
         }
     }
 
@@ -672,6 +777,7 @@ impl Exchange {
     /// request, the rest goes on in a task of its own, given up after `stall` without
     /// progress.
     pub async fn response(mut self, stall: Duration) -> Result<(Head, ResponseBody), Failed> {
+        let started = std::time::Instant::now();
         let head = match std::future::poll_fn(|cx| self.poll_head(cx)).await {
             Ok(head) => head,
             Err(error) => {
@@ -686,11 +792,12 @@ impl Exchange {
                     ),
                     _ => false,
                 };
-                let replay = match (died && !self.heard, self.replayable) {
+                let replay = match (died && self.heard.is_none(), self.replayable) {
                     (true, Some(head)) => Some(Replay {
                         head,
                         method: self.method,
                         upgrade: self.upgrade,
+                        reuse: self.reuse,
                     }),
                     _ => None,
                 };
@@ -698,9 +805,17 @@ impl Exchange {
             }
         };
         let done = head.framing == Framing::Done;
-        let Conn { io, buf } = self.conn;
+        let Conn {
+            io,
+            buf,
+            answer_times,
+        } = self.conn;
+        // Until the first byte: how long the upstream took to answer, however slowly it then
+        // writes the head.
+        let first_byte = self.heard.map_or(started.elapsed(), |at| at - started);
+        let (answer_times, settle) = answer_times.after(first_byte);
         // A request the upstream stopped reading leaves the connection unusable.
-        let keep_alive = head.keep_alive && self.upload.write_failed.is_none();
+        let keep_alive = head.keep_alive && self.reuse && self.upload.write_failed.is_none();
         let link = if self.upload.is_done() {
             // Nearly always: the request was written before the answer came.
             Link::Whole(io)
@@ -716,6 +831,8 @@ impl Exchange {
             keep_alive,
             home: None,
             ended: done,
+            answer_times,
+            settle,
         };
         Ok((head, body))
     }
@@ -750,7 +867,9 @@ impl Exchange {
                         None => WireError::Closed,
                     }))
                 }
-                Poll::Ready(Ok(_)) => self.heard = true,
+                Poll::Ready(Ok(_)) => {
+                    self.heard.get_or_insert_with(std::time::Instant::now);
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(WireError::Io(e))),
                 Poll::Pending => return Poll::Pending,
             }
@@ -778,16 +897,32 @@ pub struct ResponseBody {
     buf: BytesMut,
     framing: Framing,
     keep_alive: bool,
-    /// The pool the connection goes back to once its exchange is over.
-    home: Option<Weak<Pool>>,
+    /// The pool the connection goes back to once its exchange is over, and whose
+    /// requests it may carry there.
+    home: Option<(Weak<Pool>, Option<Partition>)>,
     ended: bool,
+    /// How long the upstream took to answer this request and the one before.
+    answer_times: AnswerTimes,
+    /// How long the connection rests in its pool before it carries another request.
+    ///
+    /// An upstream that once sends an answer too many leaves its connection an answer
+    /// ahead: the extra one answers the request then waiting, the real answer then
+    /// comes while the next request waits, and so on, for as long as the connection is
+    /// reused faster than the upstream answers; no look at the socket before reuse can
+    /// see it. The one sign is the first wrong answer coming sooner than the upstream
+    /// answers. So an answer whose first byte came in less than half the time of the
+    /// slower of the connection's two before (and a millisecond or more sooner) makes
+    /// it rest for twice the difference (at most [`MAX_SETTLE`]): the answer still owed then arrives while nobody waits on the
+    /// connection, where the watch sees it and closes it. One wrong answer (sometimes
+    /// two), not a lasting shift; ordinary answers, in time, rest not at all.
+    settle: Duration,
 }
 
 impl ResponseBody {
     /// Sets where the connection goes at the end, and sends it there now if the body
     /// is empty.
-    pub fn set_home(&mut self, home: Weak<Pool>) {
-        self.home = Some(home);
+    pub fn set_home(&mut self, home: Weak<Pool>, partition: Option<Partition>) {
+        self.home = Some((home, partition));
         if self.ended {
             self.finish();
         }
@@ -810,23 +945,32 @@ impl ResponseBody {
     fn finish(&mut self) {
         self.ended = true;
         let link = self.link.take();
-        let pool = self.home.take().and_then(|home| home.upgrade());
-        let (Some(link), Some(pool), true) = (link, pool, self.keep_alive && self.buf.is_empty())
+        let home = self.home.take();
+        let pool = home.as_ref().and_then(|(home, _)| home.upgrade());
+        let (Some(link), Some(pool), Some((_, partition)), true) =
+            (link, pool, home, self.keep_alive && self.buf.is_empty())
         else {
             return;
         };
         match link {
-            Link::Whole(io) => pool.give_back(Conn {
-                io,
-                buf: std::mem::take(&mut self.buf),
-            }),
+            Link::Whole(io) => pool.give_back(
+                Conn::with_history(io, std::mem::take(&mut self.buf), self.answer_times),
+                partition,
+                self.settle,
+            ),
             Link::Split { read, upload } => {
                 // The upload may still be going; the connection joins the pool when it is
                 // done, if it ends well.
+                let (answer_times, settle) = (self.answer_times, self.settle);
                 tokio::spawn(async move {
                     if let Ok(Some(write)) = upload.await {
                         if read.is_pair_of(&write) {
-                            pool.give_back(Conn::new(read.unsplit(write)));
+                            let conn = Conn::with_history(
+                                read.unsplit(write),
+                                BytesMut::new(),
+                                answer_times,
+                            );
+                            pool.give_back(conn, partition, settle);
                         }
                     }
                 });
@@ -956,7 +1100,7 @@ impl hyper::body::Body for ResponseBody {
 }
 
 /// What one step of chunked decoding found.
-enum Step {
+pub(crate) enum Step {
     /// Chunk data, and the state after it.
     Data(Bytes, Chunk),
     /// A framing line was consumed.
@@ -968,7 +1112,7 @@ enum Step {
 }
 
 /// Decodes what `buf` holds of a chunked body in state `state` (RFC 9112 §7.1).
-fn decode_chunk(buf: &mut BytesMut, state: Chunk) -> Result<Step, WireError> {
+pub(crate) fn decode_chunk(buf: &mut BytesMut, state: Chunk) -> Result<Step, WireError> {
     match state {
         Chunk::Data(n) => {
             if buf.is_empty() {
@@ -1043,7 +1187,7 @@ fn decode_chunk(buf: &mut BytesMut, state: Chunk) -> Result<Step, WireError> {
 }
 
 /// `chunk-size [ chunk-ext ] CRLF`, the line without its LF.
-fn parse_chunk_size(line: &[u8]) -> Result<u64, WireError> {
+pub(crate) fn parse_chunk_size(line: &[u8]) -> Result<u64, WireError> {
     let bad = || WireError::Malformed("invalid chunk-size line");
     let line = line.strip_suffix(b"\r").ok_or_else(bad)?;
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
@@ -1051,8 +1195,13 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, WireError> {
         return Err(bad());
     }
     let rest = &line[digits..];
-    // Extensions are ignored, but must be extensions: `;` after optional whitespace.
-    let rest = rest.trim_ascii_start();
+    // Extensions are ignored, but must be extensions: `;` after optional whitespace
+    // (BWS: spaces and tabs only; a bare CR or a form feed is no whitespace here).
+    let blank = rest
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count();
+    let rest = &rest[blank..];
     if !(rest.is_empty() || rest.starts_with(b";")) || rest.iter().any(|&b| b < 0x20 && b != b'\t')
     {
         return Err(bad());
@@ -1241,6 +1390,28 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn only_an_answer_much_sooner_than_the_ones_before_makes_a_connection_rest() {
+        let ms = Duration::from_millis;
+        let times = |a, b| AnswerTimes([ms(a), ms(b)]);
+        // No history, or answers in their usual time: no rest.
+        assert_eq!(AnswerTimes::default().after(ms(5)).1, Duration::ZERO);
+        assert_eq!(times(5, 5).after(ms(4)).1, Duration::ZERO);
+        assert_eq!(times(5, 6).after(ms(9)).1, Duration::ZERO);
+        // A fast upstream's noise: no rest.
+        let us = Duration::from_micros;
+        assert_eq!(
+            AnswerTimes([us(100), us(900)]).after(us(50)).1,
+            Duration::ZERO
+        );
+        // An answer sooner than half the slower of the two before: twice the difference.
+        assert_eq!(times(5, 2).after(ms(1)).1, ms(8));
+        assert_eq!(times(5, 5).after(ms(0)).1, ms(10));
+        assert_eq!(times(900, 5).after(ms(1)).1, MAX_SETTLE);
+        // The latest becomes history.
+        assert_eq!(times(5, 6).after(ms(1)).0 .0, [ms(6), ms(1)]);
     }
 
     #[test]

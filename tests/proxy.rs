@@ -442,7 +442,15 @@ async fn public_route_only_for_its_method_and_no_route_is_404() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsafe_paths_are_refused_and_paths_are_normalised() {
-    let gw = TestGateway::start().await;
+    // A route for ids that hold encoded slashes; every other route refuses them.
+    let upstream = Upstream::start().await;
+    let ids = format!(
+        "[[routes]]\npath = \"/api/v1/ids/**\"\nupstream = \"http://{}\"\n\
+         escaped_slashes = \"keep\"\n",
+        upstream.addr
+    );
+    let text = config_text(upstream.addr, "", &ids);
+    let gw = TestGateway::start_text(upstream, &text).await;
     let alex = gw.alex_token().await;
     let admin = gw.access_token(ADMIN).await;
 
@@ -458,6 +466,11 @@ async fn unsafe_paths_are_refused_and_paths_are_normalised() {
         "/api/v1/x%5c..%5cadmin",
         "/api/v1/x%00",
         "/api/v1/x%zz",
+        // Encoded slashes and backslashes: many frameworks decode them into separators.
+        "/api/v1/objects/a%2Fb",
+        "/api/v1/objects/a%2fb",
+        "/api/v1/objects/a%5Cb",
+        "/api/v1/public/..%2fadmin/x",
     ] {
         let (status, body) = raw_get(&gw, target, Some(&alex)).await;
         assert_eq!(status, 400, "{target}: {body}");
@@ -489,8 +502,8 @@ async fn unsafe_paths_are_refused_and_paths_are_normalised() {
     for (target, path, query) in [
         ("/api/v1/objects/%7Ex", "/api/v1/objects/~x", Value::Null),
         (
-            "/api/v1//objects///%7euser/a%2Fb?q=%7E&r=..",
-            "/api/v1/objects/~user/a%2Fb",
+            "/api/v1//ids///%7euser/a%2fb%5Cc?q=%7E&r=..",
+            "/api/v1/ids/~user/a%2Fb%5Cc",
             Value::from("q=%7E&r=.."),
         ),
         (

@@ -223,7 +223,8 @@ async fn content_and_access_service_paths_reach_their_own_upstream() {
         ("/api/v1/versions/9/contents", "B"),
         ("/api/v1/objects/42", "A"),
         ("/api/v1/objects/42/view/x", "A"),
-        ("/api/v1/objects/42/view/", "A"),
+        // One trailing slash names the same resource (as upstream routers read it).
+        ("/api/v1/objects/42/view/", "B"),
         ("/api/v1/objects/42/views", "A"),
         ("/api/v1/objects/42/43/contents", "A"),
         ("/api/v1/objects/42/content", "A"),

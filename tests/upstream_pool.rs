@@ -264,6 +264,40 @@ async fn no_more_idle_connections_are_kept_than_pool_max_idle_per_host() {
     assert_eq!(up.closed.load(Ordering::SeqCst), 2);
 }
 
+/// A connection whose upstream answers much sooner than it did the two times before
+/// rests in its pool (twice the difference, at most 250 ms), so that an answer the
+/// upstream still owes from an earlier exchange (it sent one too many, late) arrives
+/// while nobody waits on the connection, and is seen (tests/pool_desync.rs). Meanwhile
+/// requests take other connections; answers in their usual time rest not at all.
+#[tokio::test]
+async fn a_connection_rests_in_the_pool_after_an_answer_much_sooner_than_usual() {
+    let up = Recording::start().await;
+    let gw = gateway_before(up.addr, "").await;
+    let token = gw.alex_token().await;
+    // Two answers in 300 ms, one after the other, on one connection: no rest between.
+    assert_eq!(get(&gw, &token, "/api/v1/slow").await.status(), 200);
+    assert_eq!(get(&gw, &token, "/api/v1/slow").await.status(), 200);
+    assert_eq!(up.opened.load(Ordering::SeqCst), 1);
+    // Then one at once: now the connection rests, so the next request opens a second.
+    assert_eq!(get(&gw, &token, "/api/v1/x").await.status(), 200);
+    assert_eq!(get(&gw, &token, "/api/v1/x").await.status(), 200);
+    assert_eq!(up.opened.load(Ordering::SeqCst), 2);
+    // After the rest both are reused.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    for _ in 0..4 {
+        assert_eq!(get(&gw, &token, "/api/v1/x").await.status(), 200);
+    }
+    assert_eq!(up.opened.load(Ordering::SeqCst), 2);
+    let ports: std::collections::HashSet<u16> = up
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(port, _)| *port)
+        .collect();
+    assert_eq!(ports.len(), 2);
+}
+
 /// A raw HTTP/1.1 upstream: for each request head, `answer(head)` is written back, and
 /// `then(head)` says whether to read on (`true`) or to swallow the rest of the
 /// connection's bytes and close (`false`). Counts connections opened and closed.
