@@ -53,6 +53,11 @@ roles = ["ROLE_COLLABORATOR"]
 [[routes]]
 path = "/big/**"
 upstream = "http://127.0.0.1:$4"
+# The same upstream, its pooled connections kept to one principal each: what that costs.
+[[routes]]
+path = "/partitioned/**"
+upstream = "http://127.0.0.1:$3"
+pool_partition = "principal"
 [[routes]]
 path = "/**"
 upstream = "http://127.0.0.1:$3"

@@ -12,6 +12,7 @@ import time
 
 SCENARIOS = [
     ("h1", "HTTP/1.1 keep-alive, 64 B"),
+    ("h1-partitioned", "the same, pool_partition = \"principal\""),
     ("h2", "HTTP/2, 64 B"),
     ("newconn", "new TLS connection per request"),
     ("64k", "HTTP/1.1 keep-alive, 64 KiB"),
@@ -90,8 +91,10 @@ def main():
                 failed = True
             vs_nginx = vs_direct = ""
             if target == "gateway":
+                # The partitioned route is measured against the references' plain HTTP/1.1.
+                ref_key = "h1" if key == "h1-partitioned" else key
                 for ref, name in (("nginx", "vs_nginx"), ("direct", "vs_direct")):
-                    r = present.get(ref)
+                    r = cell(cells[(ref_key, ref)]) if (ref_key, ref) in cells else None
                     if r and r["rps"] and c["rps"]:
                         if key == "fixed":
                             ratio = f"p99 {c['p99'] / r['p99']:.2f}×" if r["p99"] and c["p99"] else ""
@@ -104,6 +107,11 @@ def main():
             success = f"{100 * c['ok'] / c['total']:.2f}%" if c["total"] else "no requests"
             print(f"| {title} | {target} | {fmt(c['rps'])} | {fmt(c['p50'], 2)} | {fmt(c['p99'], 2)} | {success} | {vs_nginx} | {vs_direct} |")
     print()
+    if ("h1", "gateway") in cells and ("h1-partitioned", "gateway") in cells:
+        plain, parted = cell(cells[("h1", "gateway")]), cell(cells[("h1-partitioned", "gateway")])
+        if plain["rps"] and parted["rps"]:
+            print(f"pool_partition = \"principal\" (one principal): {parted['rps']:,.0f} req/s against "
+                  f"{plain['rps']:,.0f} unpartitioned, {parted['rps'] / plain['rps']:.3f}×.")
     try:
         argon = json.loads(args.argon)
         password = cell(cells.get(("password", "gateway"), [])) if ("password", "gateway") in cells else None

@@ -130,6 +130,7 @@ for round in $(seq 1 "$ROUNDS"); do
   run h1 direct $round -- "${KEEP[@]}" "$UPURL/api/v1/x"
   [ $HAVE_NGINX = 1 ] && run h1 nginx $round -- "${KEEP[@]}" --http-version 1.1 "$NGXURL/api/v1/x"
   run h1 gateway $round -- "${KEEP[@]}" --http-version 1.1 -H "$AUTH" "$GWURL/api/v1/x"
+  run h1-partitioned gateway $round -- "${KEEP[@]}" --http-version 1.1 -H "$AUTH" "$GWURL/partitioned/x"
 
   [ $HAVE_NGINX = 1 ] && run h2 nginx $round -- "${KEEP[@]}" --http2 "$NGXURL/api/v1/x"
   run h2 gateway $round -- "${KEEP[@]}" --http2 -H "$AUTH" "$GWURL/api/v1/x"

@@ -79,6 +79,13 @@ fn ambiguous() -> io::Error {
     )
 }
 
+fn bare_lf() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "a line of a chunked request body ended in a bare LF",
+    )
+}
+
 fn lost() -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
@@ -149,7 +156,9 @@ impl Framing {
         let mut head_start = None;
         while !rest.is_empty() {
             match self.phase {
-                Phase::Switched | Phase::Lost => return Ok(bytes.len()),
+                Phase::Switched => return Ok(bytes.len()),
+                // hyper refuses the message it has; nothing after it may reach hyper.
+                Phase::Lost => return Ok(bytes.len() - rest.len()),
                 Phase::AwaitingSwitch => return Ok(bytes.len() - rest.len()),
                 Phase::Body(n) | Phase::ChunkData(n) => {
                     self.at_start = false;
@@ -180,6 +189,17 @@ impl Framing {
                     }
                     if self.phase == Phase::Head && self.request_line {
                         head_start = self.line.is_empty().then_some(line_start);
+                    }
+                    // In a chunked body only CRLF ends a line: hyper reads a bare LF
+                    // there as an ordinary byte (a trailer section ends only at CRLF
+                    // CRLF), so a guard that took it for a line end would lose step.
+                    let crlf = match line.len() {
+                        1 => self.line.last() == Some(&b'\r'),
+                        n => line[n - 2] == b'\r',
+                    };
+                    if self.phase != Phase::Head && !crlf {
+                        self.phase = Phase::Lost;
+                        return Err(Refusal::at(head_start.unwrap_or(0), bare_lf()));
                     }
                     let done = if self.line.is_empty() {
                         // Nearly always: the whole line came in this read, and is read
@@ -719,7 +739,41 @@ mod tests {
         ] {
             let framing = feed_all(&[stream]).unwrap();
             assert!(framing.is_lost(), "{:?}", String::from_utf8_lossy(stream));
+            // Not even the rest of the read that lost it passes.
+            let mut more = stream.to_vec();
+            more.extend_from_slice(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+            assert_eq!(Framing::default().feed(&more).unwrap(), stream.len());
         }
+    }
+
+    #[test]
+    fn a_bare_lf_in_a_chunked_body_is_refused() {
+        // hyper takes a bare LF there for an ordinary byte; a guard that took it for a
+        // line end would read `B: 2 ...` as the head of a next request.
+        let head = b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        for body in [
+            &b"0\r\nA: 1\r\n\nB: 2\r\nContent-Length: 40\r\n\r\n"[..],
+            b"0\r\n\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\n0\r\n\r\n",
+        ] {
+            let mut stream = head.to_vec();
+            stream.extend_from_slice(body);
+            assert!(
+                feed_all(&[&stream]).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+            assert!(
+                byte_by_byte(&stream).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // CRLF split between reads is still CRLF.
+        let mut stream = head.to_vec();
+        stream.extend_from_slice(b"5\r\nhello\r\n0\r\nA: 1\r\n\r\n");
+        assert_eq!(byte_by_byte(&stream).unwrap().phase, Phase::Head);
     }
 
     #[test]

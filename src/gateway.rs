@@ -310,13 +310,15 @@ pub(crate) fn reload_certificate(shared: &Shared) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Host without port, from `Host` or `:authority`.
+/// Host without port, from `Host` or `:authority`; a fully qualified name's final dot
+/// goes too (`example.com.` is `example.com`), so that it meets the same routes.
 fn host_name(value: &HeaderValue) -> Option<&str> {
     let host = value.to_str().ok()?;
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split(']').next();
     }
-    Some(host.rsplit_once(':').map_or(host, |(name, _)| name))
+    let name = host.rsplit_once(':').map_or(host, |(name, _)| name);
+    Some(name.strip_suffix('.').unwrap_or(name))
 }
 
 /// Answers one request; errors become their JSON responses here and are logged once.
@@ -526,5 +528,10 @@ mod tests {
         assert_eq!(host_name(&h("api.example.com")), Some("api.example.com"));
         assert_eq!(host_name(&h("[::1]:8443")), Some("::1"));
         assert_eq!(host_name(&h("127.0.0.1")), Some("127.0.0.1"));
+        assert_eq!(
+            host_name(&h("api.example.com.:8443")),
+            Some("api.example.com")
+        );
+        assert_eq!(host_name(&h("api.example.com.")), Some("api.example.com"));
     }
 }

@@ -54,6 +54,20 @@ const DISTRUSTED: &[&str] = &[
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
+    // The scheme the request "really" came with (Tornado, Rack, IIS).
+    "x-forwarded",
+    "x-scheme",
+    "x-url-scheme",
+    "front-end-https",
+    // Addresses and paths other proxies vouch for.
+    "x-proxyuser-ip",
+    "x-original-forwarded-for",
+    "x-envoy-external-address",
+    "x-envoy-original-path",
+    // A client certificate some proxy is supposed to have checked.
+    "x-client-cert",
+    "x-ssl-client-cert",
+    "ssl-client-cert",
 ];
 
 /// Whether a client's header is dropped unless the route passes it: a name with `_`,
@@ -102,6 +116,9 @@ mod tests {
             "x-real-ip",
             "x-original-url",
             "x-http-method-override",
+            "x-scheme",
+            "front-end-https",
+            "x-ssl-client-cert",
         ] {
             assert!(is_dropped_by_default(name), "{name}");
         }

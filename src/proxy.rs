@@ -397,11 +397,15 @@ pub fn checked_host<B>(request: &Request<B>) -> Result<Option<HeaderValue>, Erro
     if hosts.next().is_some() {
         return bad("a request may carry only one Host header");
     }
+    // RFC 9110 §7.2 and RFC 9113 §8.3.1: a host and optional port, no userinfo.
+    let is_host = |a: &http::uri::Authority| !a.as_str().contains('@') && !a.host().is_empty();
     let authority = request.uri().authority();
+    if authority.is_some_and(|a| !is_host(a)) {
+        return bad("the request target's authority is not a valid host");
+    }
     match (host, authority) {
         (Some(host), authority) => {
-            let valid = http::uri::Authority::try_from(host.as_bytes())
-                .is_ok_and(|a| !a.as_str().contains('@') && !a.host().is_empty());
+            let valid = http::uri::Authority::try_from(host.as_bytes()).is_ok_and(|a| is_host(&a));
             if !valid {
                 return bad("the Host header is not a valid host");
             }

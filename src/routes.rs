@@ -387,7 +387,16 @@ impl Route {
     /// The path the upstream receives: `strip_prefix` removed, `add_prefix` added.
     pub fn rewrite<'a>(&self, path: &'a str) -> Cow<'a, str> {
         let stripped = match &self.strip_prefix {
-            Some(prefix) => match path.strip_prefix(prefix.as_str()) {
+            // In the case the route matched in: a route that ignores case strips its
+            // prefix in any case.
+            Some(prefix) => match path.get(..prefix.len()).and_then(|head| {
+                let same = if self.case_sensitive {
+                    head == prefix
+                } else {
+                    head.eq_ignore_ascii_case(prefix)
+                };
+                same.then(|| &path[prefix.len()..])
+            }) {
                 Some("") => "/",
                 Some(rest) if rest.starts_with('/') => rest,
                 _ => path,

@@ -132,7 +132,7 @@ pub const MAX_SETTLE: Duration = Duration::from_millis(250);
 
 /// Below this, answers sooner than usual are the noise of a fast upstream, not an answer
 /// that was waiting: resting a connection for less would catch nothing.
-const MIN_SETTLE_GAP: Duration = Duration::from_millis(1);
+const MIN_SETTLE_GAP: Duration = Duration::from_micros(500);
 
 /// How long an upstream took to answer a connection's last two requests (until the
 /// first byte), oldest first.
@@ -814,9 +814,18 @@ impl Exchange {
         // writes the head.
         let first_byte = self.heard.map_or(started.elapsed(), |at| at - started);
         let (answer_times, settle) = answer_times.after(first_byte);
-        // A request the upstream stopped reading leaves the connection unusable.
-        let keep_alive = head.keep_alive && self.reuse && self.upload.write_failed.is_none();
-        let link = if self.upload.is_done() {
+        // An answer that came before the whole request was sent ends the connection's
+        // use, as nginx does: the upstream may not have read the rest (a 401 or 413 to a
+        // body it refused), and would then parse the client's body bytes as requests of
+        // their own, past the gateway's checks.
+        let keep_alive =
+            head.keep_alive && self.reuse && self.upload.sent && self.upload.write_failed.is_none();
+        // An error answer before the whole body: the upstream does not want the rest,
+        // and the connection ends with this exchange, so the rest is not sent (RFC 9112
+        // §9.6 asks a client to stop sending a body the server refuses). An upstream
+        // that answers early yet reads on (a 200 to a stream it echoes) still gets it.
+        let refused = head.status.is_client_error() || head.status.is_server_error();
+        let link = if self.upload.is_done() || refused {
             // Nearly always: the request was written before the answer came.
             Link::Whole(io)
         } else {
@@ -911,7 +920,7 @@ pub struct ResponseBody {
     /// reused faster than the upstream answers; no look at the socket before reuse can
     /// see it. The one sign is the first wrong answer coming sooner than the upstream
     /// answers. So an answer whose first byte came in less than half the time of the
-    /// slower of the connection's two before (and a millisecond or more sooner) makes
+    /// slower of the connection's two before (and half a millisecond or more sooner) makes
     /// it rest for twice the difference (at most [`MAX_SETTLE`]): the answer still owed then arrives while nobody waits on the
     /// connection, where the watch sees it and closes it. One wrong answer (sometimes
     /// two), not a lasting shift; ordinary answers, in time, rest not at all.
@@ -1403,9 +1412,10 @@ mod tests {
         // A fast upstream's noise: no rest.
         let us = Duration::from_micros;
         assert_eq!(
-            AnswerTimes([us(100), us(900)]).after(us(50)).1,
+            AnswerTimes([us(100), us(500)]).after(us(50)).1,
             Duration::ZERO
         );
+        assert_eq!(AnswerTimes([us(100), us(900)]).after(us(50)).1, us(1700));
         // An answer sooner than half the slower of the two before: twice the difference.
         assert_eq!(times(5, 2).after(ms(1)).1, ms(8));
         assert_eq!(times(5, 5).after(ms(0)).1, ms(10));

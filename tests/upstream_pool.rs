@@ -2,8 +2,8 @@
 //! connections are reused and carry the upstream's own `Host`, a response read only in
 //! part costs its connection and nothing else, a connection the upstream closes is
 //! replaced unnoticed, and idle connections close after `[upstream] pool_idle_timeout`
-//! and beyond `pool_max_idle_per_host`, a connection still sending a request body waits
-//! outside the pool, trailers end a body like any other end, a timed-out request's
+//! and beyond `pool_max_idle_per_host`, a connection answered before its request body
+//! was all sent never returns to the pool, trailers end a body like any other end, a timed-out request's
 //! connection closes, and a reused connection that dies unanswered costs idempotent
 //! requests nothing.
 
@@ -332,22 +332,23 @@ fn raw_upstream(
 }
 
 #[tokio::test]
-async fn connections_still_sending_a_body_wait_outside_the_pool() {
+async fn a_connection_answered_before_its_body_was_sent_never_returns_to_the_pool() {
     // The upstream answers each POST at once, before reading its body, then reads the
-    // body to its end: the gateway keeps sending it after the response is complete.
+    // body to its end: the gateway keeps sending it after the response is complete,
+    // outside the pool, and then closes the connection: an upstream that answered
+    // early may not read the body as a body, and must not get another request after it.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (_opened, _closed, _task) =
-        raw_upstream(listener, |_| OK, |head| !head.starts_with("POST"));
+    let (opened, closed, _task) = raw_upstream(listener, |_| OK, |head| !head.starts_with("POST"));
     // Six such connections in the pool, each holding a request up to 250 ms, would
     // push a GET past this deadline.
     let gw = gateway_before(addr, "[upstream]\nresponse_timeout = \"1s\"\n").await;
     let token = gw.alex_token().await;
     let uploads: Vec<_> = (0..6)
         .map(|_| {
-            // Ten bytes every 100 ms for 3 s.
+            // Ten bytes every 100 ms for 1 s.
             let trickle = futures_util::stream::unfold(0, |i| async move {
-                if i == 30 {
+                if i == 10 {
                     return None;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -365,7 +366,7 @@ async fn connections_still_sending_a_body_wait_outside_the_pool() {
         })
         .collect();
     for upload in uploads {
-        let answer = tokio::time::timeout(Duration::from_secs(2), upload)
+        let answer = tokio::time::timeout(Duration::from_millis(900), upload)
             .await
             .expect("the early answer arrives while the body is still being sent")
             .unwrap();
@@ -374,6 +375,73 @@ async fn connections_still_sending_a_body_wait_outside_the_pool() {
     let response = get(&gw, &token, "/api/v1/x").await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().await.unwrap(), "ok");
+    // Once the bodies are all sent, their connections close, and the next request
+    // takes the GET's connection, not one of theirs.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while closed.load(Ordering::SeqCst) < 6 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(closed.load(Ordering::SeqCst), 6);
+    assert_eq!(get(&gw, &token, "/api/v1/x").await.status(), 200);
+    assert_eq!(opened.load(Ordering::SeqCst), 7);
+}
+
+#[tokio::test]
+async fn an_error_answered_before_the_body_stops_the_upload() {
+    // The upstream answers 413 at once and then counts what still arrives: the rest of
+    // a body it refused is not sent, and the connection closes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let after_answer = Arc::new(AtomicUsize::new(usize::MAX));
+    let counted = after_answer.clone();
+    let _task = accept_loop(listener, move |mut stream| {
+        let counted = counted.clone();
+        async move {
+            let mut buf = Vec::new();
+            if read_head(&mut stream, &mut buf).await.is_none() {
+                return;
+            }
+            let mut rest = buf.len();
+            let refusal = b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 0\r\n\r\n";
+            stream.write_all(refusal).await.unwrap();
+            let mut sink = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+                rest += n;
+            }
+            counted.store(rest, Ordering::SeqCst);
+        }
+    });
+    let gw = gateway_before(addr, "").await;
+    let token = gw.alex_token().await;
+    // A hundred bytes every 50 ms for 2 s: 4,000 in all.
+    let trickle = futures_util::stream::unfold(0, |i| async move {
+        if i == 40 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Some((Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; 100])), i + 1))
+    });
+    let response = gw
+        .http1
+        .post(gw.url("/api/v1/upload"))
+        .bearer_auth(&token)
+        .body(reqwest::Body::wrap_stream(trickle))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while after_answer.load(Ordering::SeqCst) == usize::MAX && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let received = after_answer.load(Ordering::SeqCst);
+    assert!(
+        received < 4000,
+        "the upstream received {received} body bytes"
+    );
 }
 
 #[tokio::test]
